@@ -1,0 +1,81 @@
+# The book's two commands are `make book` and `make test`; everything else is a step they use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: help book test venv system-deps data test-helpers test-notebooks book-strict test-browser \
+        notebooks benchmarks clean
+
+help:
+	@echo "make book    - set up everything and build the HTML book into _build/html"
+	@echo "make test    - helpers' tests, nbval on every chapter, strict book build, browser check"
+	@echo "make notebooks - re-execute every chapter in place (refreshes stored outputs)"
+	@echo "make benchmarks - time every chapter and the simulator vs centralized training"
+
+# ---- set-up ------------------------------------------------------------------------------
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (flbook)" >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages: the Fashion-MNIST system copy and a browser for the page checks (root only).
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  need=""; \
+	  [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need="$$need dataset-fashion-mnist"; \
+	  command -v chromium >/dev/null || need="$$need chromium"; \
+	  command -v chromedriver >/dev/null || need="$$need chromium-driver"; \
+	  if [ -n "$$need" ]; then \
+	    echo "apt-get install$$need"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	  fi; \
+	else echo "not root: install dataset-fashion-mnist chromium chromium-driver yourself if they are missing"; fi
+
+data: venv system-deps
+	$(PY) -c "import helpers.data as d; tr = d.load_dataset(); te = d.load_dataset(train=False); print(f'Fashion-MNIST ready in {d.default_data_root()}: {len(tr)} train, {len(te)} test')"
+
+# ---- the book ----------------------------------------------------------------------------
+book: data
+	$(VENV)/bin/jupyter-book build . --builder html
+	@echo "open _build/html/index.html"
+
+book-strict: data
+	$(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
+
+# ---- tests -------------------------------------------------------------------------------
+test-helpers: data
+	$(PY) -m pytest -q tests --ignore=tests/test_browser.py
+
+test-notebooks: data
+	cd book && ../$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with ../tests/nbval_sanitize.cfg \
+	  -p no:cacheprovider $(notdir $(NOTEBOOKS))
+
+test-browser: book-strict
+	@if [ -f tests/test_browser.py ]; then $(PY) -m pytest -q tests/test_browser.py; fi
+
+test: test-helpers test-notebooks book-strict test-browser
+
+# ---- maintenance -------------------------------------------------------------------------
+notebooks: data
+	cd book && for nb in $(notdir $(NOTEBOOKS)); do \
+	  echo "executing $$nb"; \
+	  ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 $$nb; \
+	done
+
+benchmarks: data
+	$(PY) benchmarks/time_notebooks.py
+	$(PY) benchmarks/simulator_speed.py
+
+clean:
+	rm -rf _build
