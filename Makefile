@@ -75,7 +75,7 @@ notebooks: data
 
 benchmarks: data
 	$(PY) benchmarks/time_notebooks.py
-	$(PY) benchmarks/simulator_speed.py
+	$(PY) benchmarks/simulator.py
 
 clean:
 	rm -rf _build

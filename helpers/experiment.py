@@ -41,7 +41,7 @@ def book_partition(labels: torch.Tensor, kind: str = "dirichlet", num_clients: i
 
 def book_config(**overrides) -> FedConfig:
     """FedAvg as the book runs it: 3 rounds, every client each round, 1 local epoch of SGD
-    (batch 32, lr 0.02, momentum 0.9). Keyword arguments override single fields."""
-    base = FedConfig(rounds=3, fraction=1.0, local_epochs=1, batch_size=32, lr=0.02, momentum=0.9,
+    (batch 32, lr 0.04, momentum 0.9). Keyword arguments override single fields."""
+    base = FedConfig(rounds=3, fraction=1.0, local_epochs=1, batch_size=32, lr=0.04, momentum=0.9,
                      seed=BOOK_SEED)
     return dataclasses.replace(base, **overrides)

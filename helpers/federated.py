@@ -62,8 +62,10 @@ class FedConfig:
     rounds: int = 10
     fraction: float = 1.0          # C: fraction of clients sampled each round
     local_epochs: int = 1          # E
+    local_steps: int | None = None  # if set, each client runs exactly this many SGD steps instead of E epochs
     batch_size: int = 32           # B
     lr: float = 0.05
+    lr_decay: float = 1.0          # the learning rate of round t is lr * lr_decay**(t-1)
     momentum: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
@@ -76,8 +78,12 @@ class FedConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.local_epochs < 1 or self.batch_size < 1:
             raise ValueError("local_epochs and batch_size must be ≥ 1")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"local_steps must be ≥ 1 (or None for whole epochs), got {self.local_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be ≥ 1, got {self.eval_every}")
 
@@ -93,11 +99,28 @@ def _batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator)
         yield perm[start:start + batch_size]
 
 
-def local_train(model: nn.Module, data: TensorDataset, indices: torch.Tensor, *, epochs: int, batch_size: int,
+def _steps(indices: torch.Tensor, batch_size: int, generator: torch.Generator, epochs: int,
+           steps: int | None) -> Iterator[torch.Tensor]:
+    """Minibatches of shuffled indices: ``epochs`` full passes, or exactly ``steps`` batches
+    (reshuffling at every pass) when ``steps`` is given."""
+    done = 0
+    while True:
+        for idx in _batches(indices, batch_size, generator):
+            if steps is not None and done == steps:
+                return
+            yield idx
+            done += 1
+        epochs -= 1
+        if steps is None and epochs == 0:
+            return
+
+
+def local_train(model: nn.Module, data: TensorDataset, indices: torch.Tensor, *, epochs: int = 1, batch_size: int,
                 lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                 generator: torch.Generator, loss_fn: LossFn | None = None,
-                after_step: Callable[[nn.Module], None] | None = None) -> float:
-    """Plain minibatch SGD on ``data[indices]`` for ``epochs`` epochs; returns the mean training loss.
+                after_step: Callable[[nn.Module], None] | None = None, steps: int | None = None) -> float:
+    """Plain minibatch SGD on ``data[indices]`` for ``epochs`` epochs (or exactly ``steps`` minibatches);
+    returns the mean training loss.
 
     ``after_step(model)`` runs after every optimizer step (for example to re-apply a pruning mask).
     """
@@ -105,18 +128,27 @@ def local_train(model: nn.Module, data: TensorDataset, indices: torch.Tensor, *,
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     total, count = 0.0, 0
-    for _ in range(epochs):
-        for idx in _batches(indices, batch_size, generator):
-            out = model(data.x[idx])
-            loss = loss_fn(out, data.y[idx], idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step(model)
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+    for idx in _steps(indices, batch_size, generator, epochs, steps):
+        out = model(data.x[idx])
+        loss = loss_fn(out, data.y[idx], idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
     return total / max(count, 1)
+
+
+def samples_seen(n: int, config: FedConfig) -> int:
+    """How many training samples a client with ``n`` samples processes in one round."""
+    if config.local_steps is None:
+        return n * config.local_epochs
+    full, rest = divmod(n, config.batch_size)
+    per_pass = [config.batch_size] * full + ([rest] if rest else [])
+    passes, extra = divmod(config.local_steps, len(per_pass))
+    return passes * n + sum(per_pass[:extra])
 
 
 @torch.no_grad()
@@ -168,8 +200,8 @@ class Client:
         model.load_state_dict(start_state, strict=False)
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + round_idx * 10_007 + self.cid)
         loss = local_train(model, data, self.indices, epochs=config.local_epochs, batch_size=config.batch_size,
-                           lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                           generator=gen, loss_fn=loss_fn, after_step=after_step)
+                           lr=config.lr * config.lr_decay ** (round_idx - 1), momentum=config.momentum, weight_decay=config.weight_decay,
+                           generator=gen, loss_fn=loss_fn, after_step=after_step, steps=config.local_steps)
         local = model.state_dict()
         return {k: local[k].detach() - v for k, v in start_state.items()}, loss
 
@@ -335,7 +367,7 @@ def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[to
             if transmit is not None:
                 payload = transmit(rnd, k, payload)
             up_bytes += len(payload)
-            samples += client.num_samples * config.local_epochs
+            samples += samples_seen(client.num_samples, config)
             received = server.receive(payload, rnd, k)
             if received is None:
                 rejected += 1
@@ -358,10 +390,12 @@ def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[to
 
 
 def train_centralized(model: nn.Module, train: TensorDataset, test: TensorDataset, *, epochs: int,
-                      batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
+                      batch_size: int = 32, lr: float = 0.05, lr_decay: float = 1.0, momentum: float = 0.0,
+                      weight_decay: float = 0.0,
                       seed: int = 0, indices: torch.Tensor | None = None, loss_fn: LossFn | None = None,
                       label: str = "centralized", log_every: int = 0) -> FederatedRun:
-    """The baseline: the same model and the same SGD as a client, on all the data, one row per epoch."""
+    """The baseline: the same model and the same SGD as a client, on all the data, one row per epoch
+    (epoch e uses learning rate ``lr * lr_decay**(e-1)``, as round e of :func:`run_federated` does)."""
     if epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {epochs}")
     model = copy.deepcopy(model)
@@ -370,7 +404,8 @@ def train_centralized(model: nn.Module, train: TensorDataset, test: TensorDatase
     history = History(label=label)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        loss = local_train(model, train, idx, epochs=1, batch_size=batch_size, lr=lr, momentum=momentum,
+        loss = local_train(model, train, idx, epochs=1, batch_size=batch_size, lr=lr * lr_decay ** (epoch - 1),
+                           momentum=momentum,
                            weight_decay=weight_decay, generator=gen, loss_fn=loss_fn)
         test_loss, test_acc = evaluate(model, test)
         history.rows.append(RoundRecord(epoch, test_acc, test_loss, loss, 0, 0, 1, 0, len(idx),

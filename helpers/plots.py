@@ -9,7 +9,7 @@ import numpy as np
 
 from .federated import History
 
-__all__ = ["use_book_style", "plot_curves", "plot_accuracy_vs_bytes", "plot_label_histogram"]
+__all__ = ["use_book_style", "plot_curves", "plot_accuracy_vs_bytes", "plot_label_histogram", "markdown_table"]
 
 
 def use_book_style() -> None:
@@ -71,3 +71,16 @@ def plot_label_histogram(hist: np.ndarray, classes: Sequence[str] | None = None,
     if title:
         ax.set_title(title)
     return ax
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]):
+    """A results table rendered as Markdown in the book (plain text elsewhere)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    try:
+        from IPython.display import Markdown
+
+        return Markdown(text)
+    except ImportError:  # pragma: no cover
+        return text

@@ -142,3 +142,36 @@ def test_centralized_baseline_learns(small_train, small_test):
     run = train_centralized(SmallCNN(), small_train, small_test, epochs=1, batch_size=32, lr=0.05, momentum=0.9)
     loss, acc = evaluate(run.model, small_test)
     assert acc == run.history.final_accuracy and acc > 0.65
+
+
+def test_local_steps_and_samples_seen(small_train):
+    from helpers.federated import local_train, samples_seen
+    # 100 samples in batches of 32 make one pass of [32, 32, 32, 4]
+    assert samples_seen(100, FedConfig(batch_size=32, local_steps=5)) == 132
+    cfg = FedConfig(batch_size=32, local_steps=4)
+    assert samples_seen(100, cfg) == 100          # 32 + 32 + 32 + 4: exactly one pass
+    assert samples_seen(100, FedConfig(batch_size=32, local_steps=6)) == 100 + 64
+    assert samples_seen(100, FedConfig(batch_size=32, local_epochs=2)) == 200
+    seen = []
+    model = MLP(hidden=(8,))
+    local_train(model, small_train, torch.arange(100), batch_size=32, lr=0.01, steps=6,
+                generator=torch.Generator().manual_seed(0),
+                loss_fn=lambda out, y, idx: (seen.append(len(idx)), torch.nn.functional.cross_entropy(out, y))[1])
+    assert seen == [32, 32, 32, 4, 32, 32]
+    with pytest.raises(ValueError):
+        FedConfig(local_steps=0)
+
+
+def test_lr_decay_is_applied_per_round(small_train):
+    """Round t trains with lr * lr_decay**(t-1): round 2 with lr 0.05 and decay 0.5 equals lr 0.025."""
+    seed_everything(0)
+    model = MLP(hidden=(16,))
+    state = float_state(model)
+    client = Client(0, torch.arange(500))
+    a, _ = client.local_update(model, state, small_train, FedConfig(lr=0.05, lr_decay=0.5, batch_size=64), 2)
+    b, _ = client.local_update(model, state, small_train, FedConfig(lr=0.025, batch_size=64), 2)
+    c, _ = client.local_update(model, state, small_train, FedConfig(lr=0.05, batch_size=64), 2)
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)
+    with pytest.raises(ValueError):
+        FedConfig(lr_decay=0.0)

@@ -1,0 +1,230 @@
+r"""Knowledge distillation (Hinton et al. 2015) and federated distillation by logit exchange.
+
+The distillation loss mixes the hard labels with a teacher's softened predictions:
+
+.. math::
+
+    \mathcal{L}_{KD} = \alpha\, \mathrm{CE}\big(y, \sigma(z^s)\big)
+        + (1-\alpha)\, T^2\, \mathrm{KL}\big(\sigma(z^t/T) \,\|\, \sigma(z^s/T)\big),
+
+where :math:`z^s, z^t` are student and teacher logits and :math:`\sigma` is the softmax. The
+:math:`T^2` keeps the soft term's gradient on the same scale for every temperature; at
+:math:`T = 1` it is the plain :math:`\alpha\,\mathrm{CE} + (1-\alpha)\,\mathrm{KL}`.
+
+Two federated uses (Chapter 4):
+
+* **teacher -> student**: clients run FedAvg on a small student whose local loss is
+  :class:`KDLoss`, looking up a teacher's precomputed logits by dataset index;
+* **logit exchange** (FD / FedMD): :func:`run_logit_exchange` -- clients send their logits on a
+  shared *unlabeled* public set through a codec, the server averages them into a consensus, and
+  every client distills from it. Models never leave the clients, so they may all differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codecs import Codec, Float16Codec, PayloadError, validate_update
+from .data import TensorDataset, split_indices
+from .federated import FedConfig, History, RoundRecord, evaluate, local_train, samples_seen
+
+__all__ = [
+    "soft_targets",
+    "kd_loss",
+    "KDLoss",
+    "predict_logits",
+    "train_student",
+    "public_split",
+    "distill_on_public",
+    "LogitExchangeRun",
+    "run_logit_exchange",
+]
+
+
+def _check_alpha_t(alpha: float, temperature: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+
+
+def soft_targets(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    r"""The softened distribution :math:`\sigma(z/T)`; larger ``T`` spreads probability to other classes."""
+    _check_alpha_t(0.0, temperature)
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None,
+            alpha: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    r"""Mean over the batch of :math:`\alpha\,\mathrm{CE}(y, \sigma(z^s)) + (1-\alpha)\,T^2\,
+    \mathrm{KL}(\sigma(z^t/T)\,\|\,\sigma(z^s/T))`.
+
+    ``alpha = 1`` is plain cross-entropy; ``alpha = 0`` uses no labels at all (``targets`` may then
+    be ``None``), which is how clients distill on an unlabeled public set.
+    """
+    _check_alpha_t(alpha, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    loss = student_logits.new_zeros(())
+    if alpha > 0:
+        if targets is None:
+            raise ValueError("alpha > 0 needs hard labels (targets)")
+        loss = loss + alpha * F.cross_entropy(student_logits, targets)
+    if alpha < 1:
+        t = temperature
+        log_p_s = F.log_softmax(student_logits / t, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / t, dim=-1)
+        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        loss = loss + (1 - alpha) * t * t * kl
+    return loss
+
+
+class KDLoss:
+    """A ``loss_fn(outputs, targets, indices)`` for :func:`helpers.federated.run_federated`: looks up the
+    teacher's precomputed logits for the batch's dataset indices (no teacher forward pass per batch)."""
+
+    def __init__(self, teacher_logits: torch.Tensor, alpha: float = 0.5, temperature: float = 1.0) -> None:
+        _check_alpha_t(alpha, temperature)
+        if teacher_logits.dim() != 2:
+            raise ValueError(f"teacher_logits must be (N, classes), got shape {tuple(teacher_logits.shape)}")
+        self.teacher_logits = teacher_logits.detach()
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return kd_loss(outputs, self.teacher_logits[indices], targets, self.alpha, self.temperature)
+
+    def __repr__(self) -> str:
+        return f"KDLoss(alpha={self.alpha}, temperature={self.temperature})"
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2500) -> torch.Tensor:
+    """``model``'s logits on the images ``x`` (eval mode, no gradients), shape (N, classes)."""
+    model.eval()
+    return torch.cat([model(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
+
+
+def train_student(student: nn.Module, data: TensorDataset, indices: torch.Tensor, teacher_logits: torch.Tensor, *,
+                  alpha: float = 0.5, temperature: float = 1.0, epochs: int = 1, batch_size: int = 32,
+                  lr: float = 0.02, momentum: float = 0.9, generator: torch.Generator) -> float:
+    """SGD on ``data[indices]`` with :class:`KDLoss` (``teacher_logits`` is indexed like ``data``);
+    trains ``student`` in place -- exactly a client's local step -- and returns the mean loss."""
+    return local_train(student, data, torch.as_tensor(indices, dtype=torch.long), epochs=epochs,
+                       batch_size=batch_size, lr=lr, momentum=momentum, generator=generator,
+                       loss_fn=KDLoss(teacher_logits, alpha, temperature))
+
+
+def public_split(num_samples: int, size: int, rng: int | np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(private, public) indices of ``range(num_samples)``: ``size`` random samples become the shared
+    public set, carved out *before* the clients are partitioned so it is disjoint from all of them."""
+    if not 0 < size < num_samples:
+        raise ValueError(f"public size must be in (0, {num_samples}), got {size}")
+    return split_indices(num_samples, size / num_samples, rng)
+
+
+def distill_on_public(model: nn.Module, public_x: torch.Tensor, target_logits: torch.Tensor, *, epochs: int,
+                      batch_size: int, lr: float, momentum: float = 0.0, temperature: float = 1.0,
+                      generator: torch.Generator) -> float:
+    """Train ``model`` to match ``target_logits`` on unlabeled ``public_x`` (``alpha = 0``: no labels exist).
+
+    The placeholder labels are -1, so any code path that tried to use them would fail loudly."""
+    if len(public_x) != len(target_logits):
+        raise ValueError(f"{len(public_x)} public images but {len(target_logits)} target rows")
+    unlabeled = TensorDataset(public_x, torch.full((len(public_x),), -1, dtype=torch.long), ())
+    return local_train(model, unlabeled, torch.arange(len(public_x)), epochs=epochs, batch_size=batch_size,
+                       lr=lr, momentum=momentum, generator=generator,
+                       loss_fn=KDLoss(target_logits, alpha=0.0, temperature=temperature))
+
+
+@dataclass
+class LogitExchangeRun:
+    """What :func:`run_logit_exchange` returns: every client's own model, the run's :class:`History`
+    (``test_acc`` is the mean over clients) and each client's final test accuracy."""
+
+    models: list[nn.Module]
+    history: History
+    client_accuracies: list[float]
+    consensus: torch.Tensor | None
+
+
+def run_logit_exchange(models: Sequence[nn.Module], train: TensorDataset, partition: Sequence[torch.Tensor],
+                       public_x: torch.Tensor, test: TensorDataset, config: FedConfig, *,
+                       codec: Codec | None = None, share: bool = True, temperature: float = 1.0,
+                       distill_epochs: int = 2, distill_lr: float | None = None,
+                       label: str = "") -> LogitExchangeRun:
+    r"""Federated distillation by logit exchange (FD, Jeong et al. 2018; FedMD, Li & Wang 2019).
+
+    ``models[k]`` is client k's model (copied; they may all be different architectures). Each round:
+
+    1. every client trains ``config.local_epochs`` on its private data (cross-entropy);
+    2. it computes logits on the public images and uploads ``codec.encode({"logits": z_k})``;
+    3. the server decodes and checks each upload and averages them, weighted by :math:`n_k`,
+       into the consensus :math:`\bar z = \sum_k \frac{n_k}{n} z_k`, then broadcasts it (same codec);
+    4. every client distills from :math:`\bar z` on the public set for ``distill_epochs``.
+
+    ``share=False`` skips steps 2-4: each client trains alone on the same schedule (the
+    "local only" baseline). The public labels are never passed in: ``public_x`` is images only.
+    """
+    if len(models) != len(partition):
+        raise ValueError(f"{len(models)} models for {len(partition)} clients")
+    if len(partition) == 0:
+        raise ValueError("partition has no clients")
+    codec = codec or Float16Codec()
+    clients = [copy.deepcopy(m) for m in models]
+    parts = [torch.as_tensor(p, dtype=torch.long) for p in partition]
+    if any(len(p) == 0 for p in parts):
+        raise ValueError("every client needs at least one sample")
+    n = torch.tensor([float(len(p)) for p in parts])
+    history = History(label=label)
+    consensus = None
+    for rnd in range(1, config.rounds + 1):
+        t0 = time.perf_counter()
+        lr = config.lr * config.lr_decay ** (rnd - 1)   # the same schedule as run_federated
+        losses, uploads, weights, up_bytes, down_bytes, rejected = [], [], [], 0, 0, 0
+        for k, (model, idx) in enumerate(zip(clients, parts)):
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rnd * 10_007 + k)
+            losses.append(local_train(model, train, idx, epochs=config.local_epochs, batch_size=config.batch_size,
+                                      lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                      generator=gen, steps=config.local_steps))
+            if share:
+                payload = codec.encode({"logits": predict_logits(model, public_x)})
+                up_bytes += len(payload)
+                try:  # the server's side: untrusted bytes -> checked logits
+                    z = codec.decode(payload)
+                    validate_update(z, {"logits": torch.empty(len(public_x), train.num_classes)})
+                except PayloadError:
+                    rejected += 1
+                    continue
+                uploads.append(z["logits"])
+                weights.append(n[k])
+        if share and uploads:
+            w = torch.stack(weights) / torch.stack(weights).sum()
+            avg = (w[:, None, None] * torch.stack(uploads)).sum(0)
+            down = codec.encode({"logits": avg})
+            down_bytes = len(down) * len(clients)
+            consensus = codec.decode(down)["logits"]   # what every client actually receives
+            for k, model in enumerate(clients):
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rnd * 10_007 + k + 500_009)
+                distill_on_public(model, public_x, consensus, epochs=distill_epochs, batch_size=config.batch_size,
+                                  lr=distill_lr or lr, momentum=config.momentum, temperature=temperature,
+                                  generator=gen)
+        accs, test_losses = [], []
+        for model in clients:
+            loss, acc = evaluate(model, test)
+            accs.append(acc)
+            test_losses.append(loss)
+        history.rows.append(RoundRecord(
+            round=rnd, test_acc=float(np.mean(accs)), test_loss=float(np.mean(test_losses)),
+            train_loss=float(np.mean(losses)), bytes_up=up_bytes, bytes_down=down_bytes, clients=len(clients),
+            rejected=rejected, samples=sum(samples_seen(len(p), config) for p in parts), seconds=time.perf_counter() - t0))
+    return LogitExchangeRun(clients, history, accs, consensus)

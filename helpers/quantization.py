@@ -1,0 +1,410 @@
+r"""Uniform symmetric quantization, stochastic rounding, bit packing, and learned step sizes (LSQ).
+
+A :math:`b`-bit symmetric quantizer with step :math:`\Delta > 0` maps a real value to an integer
+code and back:
+
+.. math::  q = \mathrm{clip}\big(\mathrm{round}(w/\Delta),\, -Q,\, Q\big), \qquad
+           \hat w = Q_\Delta(w) = q\,\Delta, \qquad Q = 2^{b-1} - 1 .
+
+With :math:`\Delta = \max|w| / Q` ("max-abs" scale) nothing is clipped and the deterministic
+rounding error is at most :math:`\Delta/2`. Stochastic rounding rounds up with probability equal
+to the fractional part, so :math:`\mathbb{E}[\hat w] = w` (unbiased) at the price of variance.
+For :math:`b = 1` the codes are :math:`\{-1, +1\}` (a scaled sign).
+
+The learned-step part follows Esser et al. (2020), *Learned Step Size Quantization*: the step
+:math:`\Delta` is an ``nn.Parameter``; rounding passes gradients straight through (STE) and the
+step's gradient is scaled by :math:`g = 1/\sqrt{N\,Q}`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "VALID_BITS",
+    "check_bits",
+    "qmax",
+    "max_abs_scale",
+    "QuantizedTensor",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "pack_codes",
+    "unpack_codes",
+    "round_ste",
+    "grad_scale",
+    "LSQQuantizer",
+    "LSQLinear",
+    "LSQConv2d",
+    "swap_to_lsq",
+    "lsq_layers",
+    "IntegerLinear",
+    "IntegerConv2d",
+    "export_integer",
+    "integer_model",
+    "ptq_model",
+]
+
+VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is one of 1–8 or 16, else raise a ``ValueError`` that says so."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in VALID_BITS:
+        raise ValueError(f"bits must be one of {VALID_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def qmax(bits: int) -> int:
+    r"""Largest code :math:`Q = 2^{b-1}-1` (codes lie in :math:`[-Q, Q]`); 1 for ``bits=1`` (codes ±1)."""
+    bits = check_bits(bits)
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+def _channel_view(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``w`` as (channels, rest) for per-output-channel scales, or (1, n) for one scale."""
+    if per_channel and w.dim() >= 2:
+        return w.reshape(w.shape[0], -1)
+    return w.reshape(1, -1)
+
+
+def max_abs_scale(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+    r"""Step :math:`\Delta = \max|w| / Q` per tensor (shape ``(1,)``) or per output channel (``(C,)``).
+
+    Per-channel scales only apply to tensors with ≥ 2 dims (weights); biases get one scale.
+    An all-zero tensor or channel gets :math:`\Delta = 0` (all codes 0).
+    """
+    if not w.is_floating_point():
+        raise ValueError(f"can only quantize floating-point tensors, got {w.dtype}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantize a tensor with NaN or infinite values")
+    v = _channel_view(w.detach().to(torch.float32), per_channel)
+    if v.shape[1] == 0:
+        return torch.zeros(v.shape[0])
+    return v.abs().amax(dim=1) / qmax(bits)
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes (int32, same shape as the input), their step(s) and bit width."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor     # (1,) per tensor or (C,) per output channel
+    bits: int
+
+
+def _scale_like(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Broadcast a (1,) or (C,) scale against a tensor of ``shape``."""
+    if scale.numel() == 1 or len(shape) == 0:
+        return scale.reshape(()) if scale.numel() == 1 else scale
+    return scale.reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def quantize(w: torch.Tensor, bits: int, *, per_channel: bool = False, stochastic: bool = False,
+             generator: torch.Generator | None = None, scale: torch.Tensor | None = None) -> QuantizedTensor:
+    r"""Codes :math:`q` with :math:`\hat w = q\Delta`; deterministic (round to nearest) or stochastic.
+
+    Stochastic rounding: :math:`q = \lfloor x \rfloor + \mathrm{Bernoulli}(x - \lfloor x \rfloor)` with
+    :math:`x = w/\Delta`, so :math:`\mathbb{E}[q\Delta] = w`. Pass a seeded ``generator`` for
+    reproducible draws. ``scale`` overrides the max-abs step (values beyond the range are clipped).
+    For ``bits=1`` with deterministic rounding the default step is :math:`\mathrm{mean}|w|` (scaled sign).
+    """
+    bits = check_bits(bits)
+    if stochastic and generator is None:
+        raise ValueError("stochastic rounding needs an explicit torch.Generator (the book uses no hidden randomness)")
+    if scale is not None:
+        s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    elif bits == 1 and not stochastic:  # scaled sign: mean|w| minimises the squared error of Δ·sign(w)
+        s = _channel_view(w.detach().float(), per_channel).abs().mean(dim=1)
+        max_abs_scale(w, bits, per_channel)  # same input checks
+    else:
+        s = max_abs_scale(w, bits, per_channel)
+    Q = qmax(bits)
+    sb = _scale_like(s, w.shape)
+    safe = torch.where(sb > 0, sb, torch.ones_like(sb))
+    x = w.detach().to(torch.float32) / safe
+    if bits == 1:
+        # codes ±1: the grid is {-Δ, +Δ}; round to the nearer one, or pick +1 with prob (x+1)/2
+        x = x.clamp(-1.0, 1.0)
+        if stochastic:
+            u = torch.rand(x.shape, generator=generator)
+            q = torch.where(u < (x + 1) / 2, 1, -1)
+        else:
+            q = torch.where(x >= 0, 1, -1)
+    else:
+        x = x.clamp(-Q, Q)
+        if stochastic:
+            lo = torch.floor(x)
+            u = torch.rand(x.shape, generator=generator)
+            q = lo + (u < (x - lo)).to(x.dtype)
+        else:
+            q = torch.round(x)
+        q = q.clamp(-Q, Q)
+    q = torch.where(sb > 0, q, torch.zeros_like(q)) if bits != 1 else q
+    return QuantizedTensor(q.to(torch.int32), s, bits)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    r""":math:`\hat w = q\,\Delta` as float32."""
+    return qt.codes.to(torch.float32) * _scale_like(qt.scale, qt.codes.shape)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, **kwargs) -> torch.Tensor:
+    """``dequantize(quantize(w, bits, ...))``: the float tensor a receiver reconstructs."""
+    return dequantize(quantize(w, bits, **kwargs)).to(w.dtype)
+
+
+# ---- bit packing: b-bit codes really take b bits ----------------------------------------------
+
+def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
+    r"""Pack signed codes in :math:`[-Q, Q]` into exactly :math:`\lceil n b / 8 \rceil` bytes.
+
+    Each code is offset to an unsigned integer (:math:`u = q + Q`; for 1 bit :math:`u = (q+1)/2`)
+    and its ``bits`` lowest bits are written little-endian, back to back.
+    """
+    bits = check_bits(bits)
+    Q = qmax(bits)
+    q = codes.reshape(-1).to(torch.int64).numpy()
+    if q.size and (q.min() < -Q or q.max() > Q):
+        raise ValueError(f"codes outside [-{Q}, {Q}] cannot be packed in {bits} bits")
+    u = ((q + 1) // 2) if bits == 1 else (q + Q)
+    u = u.astype("<u2")
+    bitmat = np.unpackbits(u.view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_codes(body: bytes, n: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``n`` signed int32 codes; ``ValueError`` if ``body`` does not fit."""
+    bits = check_bits(bits)
+    Q = qmax(bits)
+    need = -(-n * bits // 8)
+    if len(body) != need:
+        raise ValueError(f"{n} codes of {bits} bits need {need} bytes, got {len(body)}")
+    flat = np.unpackbits(np.frombuffer(body, dtype=np.uint8), bitorder="little", count=n * bits)
+    u = flat.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+    if bits == 1:
+        q = 2 * u - 1
+    else:
+        if u.size and u.max() > 2 * Q:
+            raise ValueError(f"code {int(u.max())} is outside the {bits}-bit range [0, {2 * Q}]")
+        q = u - Q
+    return torch.from_numpy(q.astype(np.int32))
+
+
+# ---- learned step size quantization (LSQ) -----------------------------------------------------
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Forward: ``x``. Backward: the gradient times ``g`` (LSQ's step-size gradient scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+class _LSQFunction(torch.autograd.Function):
+    r"""LSQ fake-quant with a hand-written backward (about half the tensor ops of autograd's version):
+    :math:`\partial\hat w/\partial w = 1` inside the range, 0 outside (STE with clipping);
+    :math:`\partial\hat w/\partial\Delta = q - x\,[|x| \le Q]` with :math:`x = w/\Delta`, times :math:`g`."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, Q: int, g: float) -> torch.Tensor:
+        x = w / s
+        q = torch.round(torch.clamp(x, -Q, Q))
+        ctx.save_for_backward(x, q)
+        ctx.Q, ctx.g, ctx.s_shape = Q, g, s.shape
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, q = ctx.saved_tensors
+        inside = (x.abs() <= ctx.Q).to(grad.dtype)
+        gs = grad * (q - x * inside)
+        if len(ctx.s_shape) == 0:
+            gs = gs.sum()
+        else:
+            gs = gs.sum(dim=tuple(range(1, gs.dim())), keepdim=True)
+        return grad * inside, gs * ctx.g, None, None
+
+
+class LSQQuantizer(nn.Module):
+    r"""Fake-quantizes a tensor with a *learned* step :math:`\Delta` (Esser et al. 2020):
+
+    .. math::  \hat w = \mathrm{round}\big(\mathrm{clip}(w/\Delta, -Q, Q)\big)\,\Delta,\qquad
+               \frac{\partial \hat w}{\partial \Delta} =
+               \begin{cases} -w/\Delta + \mathrm{round}(w/\Delta) & |w/\Delta| < Q \\ \pm Q & \text{else}\end{cases}
+
+    and the step's gradient is multiplied by :math:`g = 1/\sqrt{N Q}` (:math:`N` values per step).
+    Initial step: :math:`2\,\mathrm{mean}|w| / \sqrt{Q}` as in the paper.
+    """
+
+    def __init__(self, bits: int, init_from: torch.Tensor, per_channel: bool = False) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        if self.bits == 1:
+            raise ValueError("LSQ needs bits ≥ 2 (a 1-bit symmetric grid has no zero and no learnable clip)")
+        self.Q = qmax(self.bits)
+        self.per_channel = per_channel and init_from.dim() >= 2
+        v = _channel_view(init_from.detach().float(), self.per_channel)
+        init = 2 * v.abs().mean(dim=1) / math.sqrt(self.Q)
+        self.step = nn.Parameter(init.clamp_min(1e-8))
+        self.values_per_step = v.shape[1]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        g = 1.0 / math.sqrt(self.values_per_step * self.Q)
+        return _LSQFunction.apply(w, _scale_like(self.step, w.shape), self.Q, g)
+
+    def reference_forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The same fake-quant written with :func:`round_ste` and :func:`grad_scale` (autograd does
+        the rest); :meth:`forward` computes identical values and gradients in fewer tensor ops."""
+        g = 1.0 / math.sqrt(self.values_per_step * self.Q)
+        s = _scale_like(grad_scale(self.step, g), w.shape)
+        return round_ste(torch.clamp(w / s, -self.Q, self.Q)) * s
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer codes the fake-quantized weight stands for (int32)."""
+        s = _scale_like(self.step.detach(), w.shape)
+        return torch.round(torch.clamp(w / s, -self.Q, self.Q)).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}"
+
+
+class LSQLinear(nn.Linear):
+    """``nn.Linear`` whose weight passes through an :class:`LSQQuantizer` (bias stays float32)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, per_channel: bool = False) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.load_state_dict(linear.state_dict())
+        self.wq = LSQQuantizer(bits, self.weight, per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.wq(self.weight), self.bias)
+
+
+class LSQConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight passes through an :class:`LSQQuantizer` (bias stays float32)."""
+
+    def __init__(self, conv: nn.Conv2d, bits: int, per_channel: bool = False) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        self.load_state_dict(conv.state_dict())
+        self.wq = LSQQuantizer(bits, self.weight, per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.wq(self.weight), self.bias)
+
+
+def swap_to_lsq(model: nn.Module, bits: int, per_channel: bool = False) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` / ``nn.Conv2d`` replaced by its LSQ version
+    (same weights; steps initialised from them). The original model is not modified."""
+    check_bits(bits)
+    model = copy.deepcopy(model)
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, LSQLinear(child, bits, per_channel))
+            elif type(child) is nn.Conv2d:
+                setattr(parent, name, LSQConv2d(child, bits, per_channel))
+            else:
+                swap(child)
+
+    swap(model)
+    return model
+
+
+def lsq_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: layer}`` for every LSQ layer in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LSQLinear, LSQConv2d))}
+
+
+# ---- integer export ---------------------------------------------------------------------------
+
+class IntegerLinear(nn.Module):
+    r"""A linear layer that stores integer codes: :math:`y = (x\,q^\top)\,\Delta + b`."""
+
+    def __init__(self, codes: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("step", step.detach().float().reshape(-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the codes are small integers, exactly representable in float32; the step is applied once per output
+        y = F.linear(x, self.codes.to(x.dtype)) * self.step
+        return y if self.bias is None else y + self.bias
+
+
+class IntegerConv2d(nn.Module):
+    """A conv layer that stores integer codes; the step multiplies each output channel."""
+
+    def __init__(self, conv: nn.Conv2d, codes: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("step", step.detach().float().reshape(-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.codes.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups)
+        y = y * self.step.reshape(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
+
+
+def export_integer(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a device stores for an LSQ model: per LSQ layer ``<name>.codes`` (int8), ``<name>.step``
+    (float32) and ``<name>.bias``; every other float parameter/buffer as float32."""
+    layers = lsq_layers(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        out[f"{name}.codes"] = layer.wq.codes(layer.weight).to(torch.int8)
+        out[f"{name}.step"] = layer.wq.step.detach().clone()
+        if layer.bias is not None:
+            out[f"{name}.bias"] = layer.bias.detach().clone()
+    for key, value in model.state_dict().items():
+        if not any(key.startswith(n + ".") for n in layers) and value.is_floating_point():
+            out[key] = value.detach().clone()
+    return out
+
+
+def integer_model(template: nn.Module, exported: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a model from :func:`export_integer`'s tensors: ``template`` (the LSQ model or its float
+    original) gives the architecture; each LSQ layer becomes an :class:`IntegerLinear`/:class:`IntegerConv2d`."""
+    model = copy.deepcopy(template)
+    names = sorted({k[:-len(".codes")] for k in exported if k.endswith(".codes")})
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child_name)
+        codes, step, bias = exported[f"{name}.codes"], exported[f"{name}.step"], exported.get(f"{name}.bias")
+        if isinstance(old, nn.Conv2d):
+            setattr(parent, child_name, IntegerConv2d(old, codes, step, bias))
+        elif isinstance(old, nn.Linear):
+            setattr(parent, child_name, IntegerLinear(codes, step, bias))
+        else:
+            raise ValueError(f"{name!r} is neither a Linear nor a Conv2d layer")
+    rest = {k: v for k, v in exported.items() if not any(k.startswith(n + ".") for n in names)}
+    model.load_state_dict(rest, strict=False)
+    return model
+
+
+@torch.no_grad()
+def ptq_model(model: nn.Module, bits: int, per_channel: bool = True) -> nn.Module:
+    """Post-training quantization: a copy of ``model`` whose Linear/Conv2d weights are replaced by
+    ``fake_quantize(w, bits)`` with max-abs steps (the same quantizer the codecs use); biases stay float."""
+    check_bits(bits)
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            m.weight.copy_(fake_quantize(m.weight, bits, per_channel=per_channel))
+    return model

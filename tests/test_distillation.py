@@ -1,0 +1,169 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import seed_everything
+from helpers.codecs import Float16Codec, Float32Codec
+from helpers.data import partition_dirichlet
+from helpers.distillation import (KDLoss, distill_on_public, kd_loss, predict_logits, public_split,
+                                  run_logit_exchange, soft_targets, train_student)
+from helpers.federated import FedConfig, evaluate, train_centralized
+from helpers.models import MLP, SmallCNN, count_parameters, size_report, teacher_student_pair
+
+
+def _hand_kd(zs, zt, y, alpha, t):
+    """The KD loss of one sample, written out with math.exp/log only."""
+    def softmax(z, temp):
+        e = [math.exp(v / temp) for v in z]
+        return [v / sum(e) for v in e]
+    ce = -math.log(softmax(zs, 1.0)[y])
+    ps, pt = softmax(zs, t), softmax(zt, t)
+    kl = sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    return alpha * ce + (1 - alpha) * t * t * kl
+
+
+def test_kd_loss_matches_hand_computation():
+    zs = [[1.0, -0.5, 2.0], [0.2, 0.1, -1.0]]
+    zt = [[0.5, 0.0, 3.0], [2.0, -1.0, 0.0]]
+    y = [2, 0]
+    for alpha, t in [(0.5, 1.0), (0.3, 4.0), (0.0, 2.0), (1.0, 3.0)]:
+        expected = sum(_hand_kd(a, b, c, alpha, t) for a, b, c in zip(zs, zt, y)) / 2
+        got = kd_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(y), alpha=alpha, temperature=t)
+        assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_loss_limits():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    ce = F.cross_entropy(zs, y)
+    # alpha = 1 is plain cross-entropy, whatever the teacher says
+    assert torch.allclose(kd_loss(zs, zt, y, alpha=1.0, temperature=5.0), ce)
+    # identical teacher and student: the KL term is zero at every temperature
+    for t in (1.0, 4.0):
+        assert float(kd_loss(zs, zs.clone(), None, alpha=0.0, temperature=t)) == pytest.approx(0.0, abs=1e-6)
+        assert torch.allclose(kd_loss(zs, zs.clone(), y, alpha=0.5, temperature=t), 0.5 * ce, atol=1e-6)
+    # the soft term is never negative (KL ≥ 0)
+    assert float(kd_loss(zs, zt, None, alpha=0.0, temperature=2.0)) > 0
+
+
+def test_temperature_softens_and_t_squared_keeps_gradient_scale():
+    z = torch.tensor([[4.0, 1.0, 0.0]])
+    assert soft_targets(z, 1.0).max() > soft_targets(z, 4.0).max() > soft_targets(z, 20.0).max()
+    assert torch.allclose(soft_targets(z, 3.0).sum(), torch.tensor(1.0))
+    # with the T^2 factor the soft-target gradient stays O(1) as T grows (Hinton et al., sec. 2.1)
+    g = torch.Generator().manual_seed(1)
+    zt = torch.randn(256, 10, generator=g)
+    norms = []
+    for t in (2.0, 8.0):
+        zs = torch.randn(256, 10, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        kd_loss(zs, zt, None, alpha=0.0, temperature=t).backward()
+        norms.append(float(zs.grad.norm()))  # the gradient of T^2 * KL
+    assert 0.8 < norms[1] / norms[0] < 1.25  # without the T^2 it would shrink 16x from T = 2 to T = 8
+
+
+def test_bad_arguments():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        kd_loss(z, z, torch.zeros(2, dtype=torch.long), alpha=1.5)
+    with pytest.raises(ValueError):
+        kd_loss(z, z, torch.zeros(2, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError):
+        kd_loss(z, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError):
+        kd_loss(z, z, None, alpha=0.5)  # labels needed when alpha > 0
+    with pytest.raises(ValueError):
+        KDLoss(torch.zeros(5))
+    with pytest.raises(ValueError):
+        public_split(100, 0, rng=0)
+
+
+def test_kdloss_looks_up_teacher_logits_by_index():
+    table = torch.randn(10, 4, generator=torch.Generator().manual_seed(3))
+    idx = torch.tensor([7, 2, 2])
+    out = torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([0, 1, 3])
+    assert torch.allclose(KDLoss(table, 0.3, 2.0)(out, y, idx), kd_loss(out, table[idx], y, 0.3, 2.0))
+
+
+def test_teacher_student_pair_size_ratio():
+    teacher, student = teacher_student_pair()
+    assert count_parameters(teacher) == 159_010 and count_parameters(student) == 12_730
+    assert count_parameters(teacher) >= 5 * count_parameters(student)
+    assert size_report(student) == {"parameters": 12_730, "bytes_fp32": 50_920, "bytes_fp16": 25_460}
+
+
+def test_public_split_is_disjoint_from_every_client(small_train):
+    private, public = public_split(len(small_train), 500, rng=0)
+    assert len(public) == 500 and len(private) == len(small_train) - 500
+    parts = [private[p] for p in partition_dirichlet(small_train.y[private], 5, 0.5, rng=0)]
+    pub = set(public.tolist())
+    assert all(pub.isdisjoint(p.tolist()) for p in parts)
+    assert sorted(torch.cat(parts).tolist()) == private.tolist()
+
+
+def test_student_learns_from_soft_labels_alone(small_train, small_test):
+    seed_everything(0)
+    teacher = train_centralized(MLP(), small_train, small_test, epochs=2, lr=0.05).model
+    t_logits = predict_logits(teacher, small_train.x)
+    student = MLP(hidden=(16,))
+    _, before = evaluate(student, small_test)
+    # alpha = 0: the student never sees a label, only the teacher's predictions
+    train_student(student, small_train, torch.arange(len(small_train)), t_logits, alpha=0.0, temperature=2.0,
+                  epochs=2, generator=torch.Generator().manual_seed(0))
+    _, after = evaluate(student, small_test)
+    _, t_acc = evaluate(teacher, small_test)
+    assert before < 0.3 and after > 0.7 and after > t_acc - 0.06
+
+
+def test_distill_on_public_never_needs_labels(small_train):
+    model = MLP(hidden=(16,))
+    x = small_train.x[:200]
+    target = torch.randn(200, 10, generator=torch.Generator().manual_seed(0))
+    loss0 = float(kd_loss(predict_logits(model, x), target, None, alpha=0.0))
+    distill_on_public(model, x, target, epochs=5, batch_size=32, lr=0.05, momentum=0.9,
+                      generator=torch.Generator().manual_seed(0))
+    assert float(kd_loss(predict_logits(model, x), target, None, alpha=0.0)) < loss0
+
+
+def test_logit_exchange_bytes_consensus_and_heterogeneous_clients(small_train, small_test):
+    seed_everything(0)
+    private, public = public_split(len(small_train), 300, rng=0)
+    parts = [private[p] for p in partition_dirichlet(small_train.y[private], 3, 0.5, rng=0)]
+    models = [MLP(hidden=(32,)), MLP(hidden=(16, 16)), SmallCNN(channels=(4, 8), hidden=16)]  # all different
+    cfg = FedConfig(rounds=2, local_epochs=1, batch_size=32, lr=0.02, momentum=0.9, seed=0)
+    pub_x = small_train.x[public]
+    run = run_logit_exchange(models, small_train, parts, pub_x, small_test, cfg, codec=Float16Codec())
+    one = len(Float16Codec().encode({"logits": torch.zeros(300, 10)}))
+    assert [r.bytes_up for r in run.history.rows] == [3 * one, 3 * one]
+    assert [r.bytes_down for r in run.history.rows] == [3 * one, 3 * one]
+    assert one < 300 * 10 * 2 + 64            # 2 bytes per logit plus a small header
+    assert run.consensus.shape == (300, 10) and sum(r.rejected for r in run.history.rows) == 0
+    assert len(run.client_accuracies) == 3 and run.history.final_accuracy == pytest.approx(
+        sum(run.client_accuracies) / 3)
+    # the same run with float32 logits sends about twice the bytes
+    run32 = run_logit_exchange(models, small_train, parts, pub_x, small_test, FedConfig(
+        rounds=1, batch_size=32, lr=0.02, momentum=0.9, seed=0), codec=Float32Codec())
+    assert run32.history.rows[0].bytes_up == pytest.approx(2 * run.history.rows[0].bytes_up, rel=0.02)
+    # local only: no bytes, same schedule
+    alone = run_logit_exchange(models, small_train, parts, pub_x, small_test, cfg, share=False)
+    assert alone.history.total_bytes_up == 0 and alone.consensus is None
+    with pytest.raises(ValueError):
+        run_logit_exchange(models[:2], small_train, parts, pub_x, small_test, cfg)
+
+
+def test_consensus_is_the_sample_weighted_mean_of_client_logits(small_train, small_test):
+    """With distillation switched off after the upload, the consensus is exactly the n_k-weighted mean."""
+    seed_everything(0)
+    private, public = public_split(len(small_train), 100, rng=1)
+    parts = [private[:1000], private[1000:4000]]
+    cfg = FedConfig(rounds=1, batch_size=64, lr=0.02, seed=0)
+    models = [MLP(hidden=(8,)), MLP(hidden=(8,))]
+    run = run_logit_exchange(models, small_train, parts, small_train.x[public], small_test, cfg,
+                             codec=Float32Codec(), distill_epochs=1)
+    # recompute each client's logits the same way (same seeds) to check the average
+    alone = run_logit_exchange(models, small_train, parts, small_train.x[public], small_test, cfg, share=False)
+    z = [predict_logits(m, small_train.x[public]) for m in alone.models]
+    assert torch.allclose(run.consensus, 0.25 * z[0] + 0.75 * z[1], atol=1e-5)

@@ -1,0 +1,213 @@
+"""Tests for helpers.quantization and the quantizing codecs, on real Fashion-MNIST updates."""
+
+import math
+import struct
+import zlib
+
+import pytest
+import torch
+
+from helpers import quantization as Q
+from helpers.codecs import Float32Codec, PackedIntCodec, PayloadError, QuantizedCodec
+from helpers.federated import evaluate, float_state, local_train, run_federated, FedConfig
+from helpers.models import MLP
+
+
+@pytest.fixture(scope="module")
+def update(small_train):
+    """A real client update: 100 SGD steps of an MLP on Fashion-MNIST, minus its start."""
+    torch.manual_seed(0)
+    model = MLP(hidden=(64,))
+    start = float_state(model)
+    local_train(model, small_train, torch.arange(3200), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    return {k: v - start[k] for k, v in float_state(model).items()}
+
+
+def framing_bytes(tensors):
+    """Bytes of the shared framing (magic, version, id, count, per-tensor header, CRC)."""
+    return 4 + 4 + 4 + sum(2 + len(k) + 2 + 4 * t.dim() + 4 for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("bad", [0, 9, 12, 32, -2, 2.5, "4", True, None])
+def test_bad_bit_widths_raise_clear_errors(bad):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        Q.check_bits(bad)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        QuantizedCodec(bad)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        Q.quantize(torch.ones(3), bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_deterministic_round_trip_error_is_at_most_half_a_step(update, bits, per_channel):
+    for name, w in update.items():
+        qt = Q.quantize(w, bits, per_channel=per_channel)
+        err = (Q.dequantize(qt) - w).abs()
+        step = qt.scale.reshape(-1, *([1] * (w.dim() - 1))) if qt.scale.numel() > 1 else qt.scale
+        # Δ/2, plus float32's own rounding of w/Δ and of q·Δ (a few ulps of |w|, visible only at 16 bits)
+        assert bool((err <= step / 2 + 4 * 2.0 ** -23 * w.abs()).all()), name
+        assert int(qt.codes.abs().max()) <= Q.qmax(bits)
+        assert int(qt.codes.abs().max()) == Q.qmax(bits)  # max-abs scale uses the full range
+    if per_channel:
+        assert Q.quantize(update["net.1.weight"], bits, per_channel=True).scale.shape == (64,)
+        assert Q.quantize(update["net.1.bias"], bits, per_channel=True).scale.shape == (1,)
+
+
+def test_one_bit_is_a_scaled_sign(update):
+    w = update["net.1.weight"]
+    out = Q.fake_quantize(w, 1)
+    assert torch.equal(out.sign(), torch.where(w >= 0, 1.0, -1.0))
+    assert torch.allclose(out.abs(), w.abs().mean().expand_as(w))
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic_rounding_is_not(update):
+    w = update["net.3.weight"].reshape(-1)[:500]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([Q.fake_quantize(w, 2, stochastic=True, generator=gen) for _ in range(2000)])
+    step = float(Q.max_abs_scale(w, 2))
+    mean_err = (draws.mean(0) - w).abs()
+    # per value the draw has std <= step/2, so the 2000-draw mean has std <= step/(2*sqrt(2000)) ~ 0.011 step
+    assert float(mean_err.max()) < 0.06 * step
+    assert float((Q.fake_quantize(w, 2) - w).abs().max()) > 0.3 * step   # deterministic: a fixed bias
+    assert abs(float((draws.mean(0) - w).mean())) < 0.005 * step
+
+
+def test_stochastic_rounding_needs_a_generator():
+    with pytest.raises(ValueError, match="Generator"):
+        Q.quantize(torch.ones(4), 4, stochastic=True)
+
+
+@pytest.mark.parametrize("bits", Q.VALID_BITS)
+def test_pack_unpack_round_trip_and_exact_size(bits):
+    g = torch.Generator().manual_seed(bits)
+    qm = Q.qmax(bits)
+    for n in [0, 1, 7, 13, 1001]:
+        if bits == 1:
+            codes = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+        else:
+            codes = torch.randint(-qm, qm + 1, (n,), generator=g)
+        body = Q.pack_codes(codes, bits)
+        assert len(body) == math.ceil(n * bits / 8)
+        assert torch.equal(Q.unpack_codes(body, n, bits), codes.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_packed_payload_is_exactly_header_plus_packed_codes(update, bits, per_channel):
+    codec = QuantizedCodec(bits, per_channel=per_channel)
+    payload = codec.encode(update)
+    body = 0
+    for t in update.values():
+        k = t.shape[0] if per_channel and t.dim() >= 2 else 1
+        body += 2 + 4 * k + math.ceil(t.numel() * bits / 8)
+    assert len(payload) == framing_bytes(update) + body
+    out = codec.decode(payload)
+    for name, w in update.items():
+        assert out[name].dtype == torch.float32 and out[name].shape == w.shape
+        assert torch.allclose(out[name], Q.fake_quantize(w, bits, per_channel=per_channel and w.dim() >= 2))
+    n = sum(t.numel() for t in update.values())
+    assert len(payload) < len(Float32Codec().encode(update)) * bits / 32 + 4 * 200 + 200
+
+
+def test_stochastic_codec_is_reproducible_from_its_seed(update):
+    a = QuantizedCodec(2, stochastic=True, seed=3).encode(update)
+    assert a == QuantizedCodec(2, stochastic=True, seed=3).encode(update)
+    assert a != QuantizedCodec(2, stochastic=True, seed=4).encode(update)
+
+
+def _reframe(payload: bytes, offset: int, value: int) -> bytes:
+    """Change one byte and recompute the CRC, so the codec's own checks must catch it."""
+    blob = bytearray(payload[:-4])
+    blob[offset] = value
+    return bytes(blob) + struct.pack("<I", zlib.crc32(bytes(blob)))
+
+
+def test_corrupted_payloads_raise_payload_errors():
+    t = {"w": torch.linspace(-1, 1, 12).reshape(3, 4)}
+    codec = QuantizedCodec(2)
+    p = codec.encode(t)
+    body_at = 4 + 4 + 2 + 1 + 2 + 8 + 4       # framing before the body of the one tensor "w"
+    assert p[body_at] == 2 and p[body_at + 1] == 1
+    with pytest.raises(PayloadError, match="checksum"):
+        codec.decode(p[:20] + bytes([p[20] ^ 0xFF]) + p[21:])
+    with pytest.raises(PayloadError, match="truncated"):
+        codec.decode(p[:-7])
+    with pytest.raises(PayloadError, match="quantized with 4 bits"):
+        codec.decode(_reframe(p, body_at, 4))
+    with pytest.raises(PayloadError, match="scale mode"):
+        codec.decode(_reframe(p, body_at + 1, 7))
+    with pytest.raises(PayloadError, match="outside the 2-bit range"):
+        codec.decode(_reframe(p, len(p) - 5, 0xFF))   # code 3 does not exist in a symmetric 2-bit grid
+    nan = struct.pack("<f", float("nan"))
+    blob = bytearray(p[:-4])
+    blob[body_at + 2:body_at + 6] = nan
+    with pytest.raises(PayloadError, match="finite"):
+        codec.decode(bytes(blob) + struct.pack("<I", zlib.crc32(bytes(blob))))
+    with pytest.raises(PayloadError, match="codec id"):
+        codec.decode(Float32Codec().encode(t))
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode({"w": torch.tensor([1.0, float("inf")])})
+
+
+def test_lsq_fast_backward_matches_the_reference_written_with_ste(update):
+    torch.manual_seed(0)
+    for per_channel in [False, True]:
+        layer = Q.LSQLinear(torch.nn.Linear(784, 64), bits=2, per_channel=per_channel)
+        grads = []
+        for fn in (layer.wq.forward, layer.wq.reference_forward):
+            w = layer.weight.detach().clone().requires_grad_()
+            layer.wq.step.grad = None
+            out = fn(w)
+            (out * update["net.1.weight"]).sum().backward()
+            grads.append((out.detach(), w.grad, layer.wq.step.grad.clone()))
+        (o1, gw1, gs1), (o2, gw2, gs2) = grads
+        assert torch.equal(o1, o2)
+        assert torch.allclose(gw1, gw2) and torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-7)
+        assert float(gs1.abs().sum()) > 0
+
+
+def test_qat_export_gives_the_same_predictions_and_packed_size(small_train, small_test):
+    torch.manual_seed(0)
+    model = Q.swap_to_lsq(MLP(hidden=(64,)), bits=4, per_channel=True)
+    assert set(Q.lsq_layers(model)) == {"net.1", "net.3"}
+    step0 = model.net[1].wq.step.detach().clone()
+    local_train(model, small_train, torch.arange(3200), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model.net[1].wq.step.detach(), step0)   # the step was learned
+    exported = Q.export_integer(model)
+    codec = PackedIntCodec(4)
+    payload = codec.encode(exported)
+    n_w = 784 * 64 + 64 * 10
+    floats = 64 + 10 + 64 + 10                # steps (per channel) + biases, float32
+    assert len(payload) == framing_bytes(exported) + 2 * len(exported) + math.ceil(784 * 64 * 4 / 8) \
+        + math.ceil(64 * 10 * 4 / 8) + 4 * floats
+    assert len(payload) < 0.14 * n_w * 4
+    int_model = Q.integer_model(model, codec.decode(payload))
+    with torch.no_grad():
+        fq, iq = model.eval()(small_test.x), int_model.eval()(small_test.x)
+    assert torch.equal(fq.argmax(1), iq.argmax(1))
+    assert torch.allclose(fq, iq, atol=1e-4)
+    assert evaluate(int_model, small_test)[1] == evaluate(model, small_test)[1] > 0.6
+    assert isinstance(int_model.net[1], Q.IntegerLinear) and int_model.net[1].codes.dtype == torch.int8
+
+
+def test_ptq_and_lsq_refuse_bad_arguments():
+    with pytest.raises(ValueError):
+        Q.ptq_model(MLP(), 0)
+    with pytest.raises(ValueError, match="LSQ needs bits"):
+        Q.swap_to_lsq(MLP(), 1)
+    with pytest.raises(ValueError, match="floating-point"):
+        Q.max_abs_scale(torch.ones(3, dtype=torch.int32), 4)
+
+
+def test_quantized_uplink_in_federated_run_costs_what_the_codec_says(small_train, small_test):
+    torch.manual_seed(0)
+    model = MLP(hidden=(32,))
+    parts = [torch.arange(0, 1000), torch.arange(1000, 2000)]
+    cfg = FedConfig(rounds=2, lr=0.05, seed=0)
+    run = run_federated(model, small_train, parts, small_test, cfg, uplink=QuantizedCodec(4), error_feedback=True)
+    expected = len(QuantizedCodec(4).encode(float_state(model)))
+    assert run.history.bytes_up_per_client == expected
+    assert run.history.final_accuracy > 0.6 and not run.server.rejected
