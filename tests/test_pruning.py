@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from helpers import seed_everything
-from helpers.codecs import Float32Codec
-from helpers.experiment import book_config
 from helpers.data import partition_dirichlet
-from helpers.federated import Server, evaluate, float_state, local_train, run_federated
+from helpers.federated import FedConfig, Server, float_state, local_train, run_federated
 from helpers.models import MLP, SmallCNN, count_parameters
 from helpers.sparse_codecs import SparseCodec
 from helpers import pruning
@@ -110,7 +108,7 @@ def test_masks_survive_aggregation_and_tighten_over_rounds(small_train, small_te
         pruner.before_round(rnd, server)
         seen.append({k: m.clone() for k, m in pruner.masks.items()})
 
-    run = run_federated(model, small_train, part, small_test, book_config(rounds=3), uplink=SparseCodec(),
+    run = run_federated(model, small_train, part, small_test, FedConfig(rounds=3, lr=0.02, momentum=0.9, batch_size=32), uplink=SparseCodec(),
                         downlink=SparseCodec(), before_round=before, after_local_step=pruner.after_local_step)
     assert [r["target"] for r in pruner.log] == pytest.approx([0.0, 0.7, 0.8])
     assert pruning.sparsity(run.model) == pytest.approx(0.8, abs=1e-4)   # after the last aggregation

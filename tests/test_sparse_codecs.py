@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.codecs import Float16Codec, Float32Codec, PayloadError
+from helpers.codecs import Float32Codec, PayloadError
 from helpers.federated import float_state
 from helpers.models import MLP
 from helpers.sparse_codecs import (SparseCodec, TopKCodec, binary_entropy, decode_positions, encode_positions,
@@ -166,3 +166,16 @@ def test_truncations_are_rejected():
     for cut in (1, 5, 20, len(payload) - 1):
         with pytest.raises(PayloadError):
             TopKCodec(0.1).decode(payload[:-cut])
+
+
+def test_values_can_use_chapter_2_quantizer():
+    codecs = pytest.importorskip("helpers.codecs")
+    if not hasattr(codecs, "QuantizedCodec"):
+        pytest.skip("Chapter 2's QuantizedCodec is not available")
+    t = {"w": _sparse(5000, 0.2).reshape(50, 100)}
+    q = SparseCodec(values=codecs.QuantizedCodec(8, per_channel=False))
+    out = q.decode(q.encode(t))["w"]
+    kept = t["w"] != 0
+    assert torch.all(out[~kept] == 0)
+    assert (out - t["w"]).abs().max() <= t["w"].abs().max() / 127 * 0.51
+    assert len(q.encode(t)) < len(SparseCodec(values="float16").encode(t)) < len(SparseCodec().encode(t))
