@@ -1,14 +1,15 @@
 """``helpers``: the small library behind *Federated Learning with Model Compression*.
 
-Each module has one job (see DESIGN.md): ``data``, ``models``, ``codecs``, ``error_feedback``,
-``federated``, ``experiment``, ``plots``, and the compression families ``quantization``, ``pruning``
-(with ``sparse_codecs``) and ``distillation``.
+Each module has one job (see CONTRIBUTING.md): ``data``, ``models``, ``training``, ``history``,
+``codecs`` (a package: the wire format, quantized and sparse codecs), ``error_feedback``,
+``aggregation``, ``federated``, ``experiment``, ``plots``, and the compression families
+``quantization``, ``pruning`` and ``distillation``.
 """
 
-from . import (codecs, data, distillation, error_feedback, experiment, federated, models, plots, pruning,
-               quantization, sparse_codecs)
+from . import (aggregation, codecs, data, distillation, error_feedback, experiment, federated, history, models,
+               plots, pruning, quantization, training)
 from .reproducibility import make_rng, seed_everything
 from .source import show_source
 
-__all__ = ["codecs", "data", "distillation", "error_feedback", "experiment", "federated", "models", "plots",
-           "pruning", "quantization", "sparse_codecs", "make_rng", "seed_everything", "show_source"]
+__all__ = ["aggregation", "codecs", "data", "distillation", "error_feedback", "experiment", "federated", "history",
+           "models", "plots", "pruning", "quantization", "training", "make_rng", "seed_everything", "show_source"]

@@ -54,6 +54,21 @@ class TensorDataset:
     x: torch.Tensor
     y: torch.Tensor
     classes: tuple[str, ...]
+    origin: tuple | None = None
+    """``(name, train, root)`` when this is exactly what :func:`load_dataset` returned (set by the
+    loader; ``subset()`` drops it). Such a dataset pickles as "load it again" -- a few bytes instead of
+    the tensors -- so :func:`helpers.parallel.run_parallel` can hand it to every worker for free."""
+
+    def __reduce__(self):
+        if self.origin is not None:
+            return _load, tuple(self.origin)
+        return TensorDataset, (self.x, self.y, self.classes)
+
+    def __copy__(self) -> "TensorDataset":
+        return TensorDataset(self.x, self.y, self.classes, self.origin)
+
+    def __deepcopy__(self, memo: dict) -> "TensorDataset":
+        return TensorDataset(self.x.clone(), self.y.clone(), self.classes, self.origin)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -122,7 +137,7 @@ def _load(name: str, train: bool, root: str) -> TensorDataset:
             ) from exc
     ds = cls(root_path, train=train, download=False)
     x = ds.data.unsqueeze(1).to(torch.float32).div_(255.0).sub_(mean).div_(std)
-    return TensorDataset(x.contiguous(), ds.targets.to(torch.long).clone(), classes)
+    return TensorDataset(x.contiguous(), ds.targets.to(torch.long).clone(), classes, (name, train, root))
 
 
 def load_dataset(name: str = "fashion_mnist", train: bool = True, root: str | Path | None = None) -> TensorDataset:
@@ -160,16 +175,16 @@ def _to_tensors(parts: list[np.ndarray]) -> list[torch.Tensor]:
 
 
 def partition_iid(labels: torch.Tensor | np.ndarray, num_clients: int,
-                  rng: int | np.random.Generator) -> list[torch.Tensor]:
+                  seed: int | np.random.Generator) -> list[torch.Tensor]:
     """Shuffle all indices and deal them into ``num_clients`` near-equal parts."""
     y = _labels_np(labels)
     _check_clients(num_clients, len(y))
-    perm = make_rng(rng).permutation(len(y))
+    perm = make_rng(seed).permutation(len(y))
     return _to_tensors(np.array_split(perm, num_clients))
 
 
 def partition_dirichlet(labels: torch.Tensor | np.ndarray, num_clients: int, alpha: float,
-                        rng: int | np.random.Generator, min_size: int = 10,
+                        seed: int | np.random.Generator, min_size: int = 10,
                         max_tries: int = 1000) -> list[torch.Tensor]:
     r"""Label-skewed split: for each class c draw :math:`p_c \sim \mathrm{Dir}(\alpha \mathbf{1}_K)`
     and give client k the fraction :math:`p_{c,k}` of class c's samples.
@@ -183,7 +198,7 @@ def partition_dirichlet(labels: torch.Tensor | np.ndarray, num_clients: int, alp
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     if num_clients * min_size > len(y):
         raise ValueError(f"min_size={min_size} per client needs {num_clients * min_size} samples, have {len(y)}")
-    gen = make_rng(rng)
+    gen = make_rng(seed)
     classes = np.unique(y)
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
@@ -201,7 +216,7 @@ def partition_dirichlet(labels: torch.Tensor | np.ndarray, num_clients: int, alp
 
 
 def partition_shards(labels: torch.Tensor | np.ndarray, num_clients: int, shards_per_client: int,
-                     rng: int | np.random.Generator) -> list[torch.Tensor]:
+                     seed: int | np.random.Generator) -> list[torch.Tensor]:
     """The FedAvg paper's pathological split: sort by label, cut into
     ``num_clients * shards_per_client`` equal shards, give each client ``shards_per_client`` at random."""
     y = _labels_np(labels)
@@ -211,7 +226,7 @@ def partition_shards(labels: torch.Tensor | np.ndarray, num_clients: int, shards
     num_shards = num_clients * shards_per_client
     if num_shards > len(y):
         raise ValueError(f"{num_shards} shards is more than the {len(y)} samples")
-    gen = make_rng(rng)
+    gen = make_rng(seed)
     order = np.argsort(y, kind="stable")
     shards = np.array_split(order, num_shards)
     assignment = gen.permutation(num_shards).reshape(num_clients, shards_per_client)
@@ -219,13 +234,13 @@ def partition_shards(labels: torch.Tensor | np.ndarray, num_clients: int, shards
 
 
 def split_indices(indices: torch.Tensor | np.ndarray | int, fraction: float,
-                  rng: int | np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int | np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``indices`` (or ``range(n)`` when given an int) at random into (rest, held-out);
     the held-out part has ``round(fraction * n)`` indices. Used for validation and public sets."""
     idx = np.arange(indices) if isinstance(indices, (int, np.integer)) else _labels_np(indices)
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    perm = make_rng(rng).permutation(idx)
+    perm = make_rng(seed).permutation(idx)
     k = int(round(fraction * len(idx)))
     if k == 0 or k == len(idx):
         raise ValueError(f"fraction={fraction} of {len(idx)} indices leaves one side empty")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codecs import Codec, Float16Codec, PayloadError, validate_update
+from .aggregation import fedavg
+from .codecs import Codec, Float16Codec, PayloadError
 from .data import TensorDataset, split_indices
-from .federated import FedConfig, History, RoundRecord, evaluate, local_train, samples_seen
+from .federated import FedConfig, samples_seen
+from .history import History, RoundRecord
+from .training import client_generator, evaluate, local_train
 
 __all__ = [
     "soft_targets",
@@ -124,12 +127,12 @@ def train_student(student: nn.Module, data: TensorDataset, indices: torch.Tensor
                        loss_fn=KDLoss(teacher_logits, alpha, temperature))
 
 
-def public_split(num_samples: int, size: int, rng: int | np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def public_split(num_samples: int, size: int, seed: int | np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(private, public) indices of ``range(num_samples)``: ``size`` random samples become the shared
     public set, carved out *before* the clients are partitioned so it is disjoint from all of them."""
     if not 0 < size < num_samples:
         raise ValueError(f"public size must be in (0, {num_samples}), got {size}")
-    return split_indices(num_samples, size / num_samples, rng)
+    return split_indices(num_samples, size / num_samples, seed)
 
 
 def distill_on_public(model: nn.Module, public_x: torch.Tensor, target_logits: torch.Tensor, *, epochs: int,
@@ -155,6 +158,7 @@ class LogitExchangeRun:
     history: History
     client_accuracies: list[float]
     consensus: torch.Tensor | None
+    rejected: list[tuple[int, int, str]] = field(default_factory=list)   # (round, client id, reason)
 
 
 def run_logit_exchange(models: Sequence[nn.Module], train: TensorDataset, partition: Sequence[torch.Tensor],
@@ -184,40 +188,36 @@ def run_logit_exchange(models: Sequence[nn.Module], train: TensorDataset, partit
     parts = [torch.as_tensor(p, dtype=torch.long) for p in partition]
     if any(len(p) == 0 for p in parts):
         raise ValueError("every client needs at least one sample")
-    n = torch.tensor([float(len(p)) for p in parts])
+    n = [len(p) for p in parts]
+    reference = {"logits": torch.empty(len(public_x), train.num_classes)}   # what the server expects
     history = History(label=label)
     consensus = None
+    rejected_log: list[tuple[int, int, str]] = []
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
-        lr = config.lr * config.lr_decay ** (rnd - 1)   # the same schedule as run_federated
         losses, uploads, weights, up_bytes, down_bytes, rejected = [], [], [], 0, 0, 0
-        for k, (model, idx) in enumerate(zip(clients, parts)):
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rnd * 10_007 + k)
+        for cid, (model, idx) in enumerate(zip(clients, parts)):
             losses.append(local_train(model, train, idx, epochs=config.local_epochs, batch_size=config.batch_size,
-                                      lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                                      generator=gen, steps=config.local_steps))
+                                      lr=config.lr_at(rnd), momentum=config.momentum,
+                                      weight_decay=config.weight_decay,
+                                      generator=client_generator(config.seed, rnd, cid), steps=config.local_steps))
             if share:
                 payload = codec.encode({"logits": predict_logits(model, public_x)})
                 up_bytes += len(payload)
-                try:  # the server's side: untrusted bytes -> checked logits
-                    z = codec.decode(payload)
-                    validate_update(z, {"logits": torch.empty(len(public_x), train.num_classes)})
-                except PayloadError:
+                try:  # the server's side: untrusted bytes -> checked logits, as Server.receive does
+                    uploads.append(codec.decode(payload, reference=reference))
+                    weights.append(n[cid])
+                except PayloadError as exc:
                     rejected += 1
-                    continue
-                uploads.append(z["logits"])
-                weights.append(n[k])
+                    rejected_log.append((rnd, cid, str(exc)))
         if share and uploads:
-            w = torch.stack(weights) / torch.stack(weights).sum()
-            avg = (w[:, None, None] * torch.stack(uploads)).sum(0)
-            down = codec.encode({"logits": avg})
+            down = codec.encode(fedavg(uploads, weights))
             down_bytes = len(down) * len(clients)
             consensus = codec.decode(down)["logits"]   # what every client actually receives
-            for k, model in enumerate(clients):
-                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rnd * 10_007 + k + 500_009)
+            for cid, model in enumerate(clients):
                 distill_on_public(model, public_x, consensus, epochs=distill_epochs, batch_size=config.batch_size,
-                                  lr=distill_lr or lr, momentum=config.momentum, temperature=temperature,
-                                  generator=gen)
+                                  lr=distill_lr or config.lr_at(rnd), momentum=config.momentum,
+                                  temperature=temperature, generator=client_generator(config.seed, rnd, cid, stream=1))
         accs, test_losses = [], []
         for model in clients:
             loss, acc = evaluate(model, test)
@@ -227,4 +227,4 @@ def run_logit_exchange(models: Sequence[nn.Module], train: TensorDataset, partit
             round=rnd, test_acc=float(np.mean(accs)), test_loss=float(np.mean(test_losses)),
             train_loss=float(np.mean(losses)), bytes_up=up_bytes, bytes_down=down_bytes, clients=len(clients),
             rejected=rejected, samples=sum(samples_seen(len(p), config) for p in parts), seconds=time.perf_counter() - t0))
-    return LogitExchangeRun(clients, history, accs, consensus)
+    return LogitExchangeRun(clients, history, accs, consensus, rejected_log)

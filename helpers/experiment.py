@@ -1,25 +1,45 @@
 """The book's standard federated setting, defined once so every chapter compares like with like.
 
-Chapter 1 introduces it; later chapters import it, so "same seed, same partition, same rounds"
-is a function call rather than a promise.
+Chapter 1 introduces it; later chapters import it, so "same seed, same partition, same rounds" is a
+function call rather than a promise. :func:`chapter_setup` is every chapter's first code cell.
+
+The training set is split once, with the book's seed, into a **validation** set of
+:data:`VAL_SIZE` images and the **pool** the clients are drawn from; the two never overlap, and every
+tuned value in the book (learning rates, thresholds, temperatures) is chosen on the validation set.
+The test set only reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from .data import TensorDataset, load_dataset, partition_dirichlet, partition_iid, partition_shards
+from . import plots
+from .data import TensorDataset, load_dataset, partition_dirichlet, partition_iid, partition_shards, split_indices
 from .federated import FedConfig
+from .reproducibility import seed_everything
 
-__all__ = ["BOOK_SEED", "NUM_CLIENTS", "DIRICHLET_ALPHA", "SHARDS_PER_CLIENT", "book_data", "book_partition",
-           "book_config"]
+__all__ = ["BOOK_SEED", "NUM_CLIENTS", "DIRICHLET_ALPHA", "SHARDS_PER_CLIENT", "VAL_SIZE", "THREADS", "CNN_LR",
+           "MLP_LR", "SEEDS", "BookData", "book_data", "validation_split", "book_partition", "book_config",
+           "chapter_setup"]
 
 BOOK_SEED = 0
+SEEDS = (0, 1, 2)          # the seeds behind every comparison (seed = partition + initialisation + sampling)
 NUM_CLIENTS = 10
 DIRICHLET_ALPHA = 0.5
 SHARDS_PER_CLIENT = 2
+VAL_SIZE = 5000
+THREADS = 1
+"""torch threads per run. Measured (``benchmarks/simulator.py``): for the book's small models a second
+thread mostly adds synchronisation, and two 1-thread runs side by side (:mod:`helpers.parallel`) do
+far more work than one 2-thread run. One thread also makes a run's result independent of where it ran."""
+
+CNN_LR = 0.04
+"""SmallCNN's local learning rate (SGD, momentum 0.9, batch 32), chosen on the validation split (Chapter 1)."""
+MLP_LR = 0.02
+"""The MLP's local learning rate (SGD, momentum 0.9, batch 32), chosen on the validation split (Chapter 2)."""
 
 
 def book_data() -> tuple[TensorDataset, TensorDataset]:
@@ -27,25 +47,57 @@ def book_data() -> tuple[TensorDataset, TensorDataset]:
     return load_dataset("fashion_mnist", train=True), load_dataset("fashion_mnist", train=False)
 
 
+def validation_split(num_train: int, size: int = VAL_SIZE, seed: int = BOOK_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool, val): indices of the training set for the clients and for validation, disjoint, fixed by ``seed``."""
+    return split_indices(num_train, size / num_train, seed)
+
+
 def book_partition(labels: torch.Tensor, kind: str = "dirichlet", num_clients: int = NUM_CLIENTS,
-                   seed: int = BOOK_SEED) -> list[torch.Tensor]:
-    """The book's client split: ``"dirichlet"`` (α = 0.5, the default), ``"iid"`` or ``"shards"`` (2 per client)."""
+                   seed: int = BOOK_SEED, pool: torch.Tensor | None = None,
+                   alpha: float = DIRICHLET_ALPHA) -> list[torch.Tensor]:
+    """The book's client split of ``pool`` (default: every index of ``labels`` outside the validation
+    split) as indices into the full training set: ``"dirichlet"`` (α = 0.5 unless ``alpha`` is given),
+    ``"iid"`` or ``"shards"`` (2 per client)."""
+    if pool is None:
+        pool = validation_split(len(labels))[0]
+    pool = torch.as_tensor(pool, dtype=torch.long)
+    y = labels[pool]
     if kind == "dirichlet":
-        return partition_dirichlet(labels, num_clients, DIRICHLET_ALPHA, rng=seed)
-    if kind == "iid":
-        return partition_iid(labels, num_clients, rng=seed)
-    if kind == "shards":
-        return partition_shards(labels, num_clients, SHARDS_PER_CLIENT, rng=seed)
-    raise ValueError(f"unknown partition kind {kind!r}; choose 'dirichlet', 'iid' or 'shards'")
+        parts = partition_dirichlet(y, num_clients, alpha, seed=seed)
+    elif kind == "iid":
+        parts = partition_iid(y, num_clients, seed=seed)
+    elif kind == "shards":
+        parts = partition_shards(y, num_clients, SHARDS_PER_CLIENT, seed=seed)
+    else:
+        raise ValueError(f"unknown partition kind {kind!r}; choose 'dirichlet', 'iid' or 'shards'")
+    return [pool[p] for p in parts]
 
 
 def book_config(**overrides) -> FedConfig:
     """FedAvg as the book runs it: 3 rounds, every client each round, 1 local epoch of SGD
-    (batch 32, lr 0.04, momentum 0.9). Keyword arguments override single fields.
-
-    lr 0.04 is tuned for ``SmallCNN`` (Chapter 1). The MLP chapters use ``book_config(lr=0.02)``:
-    at 0.04 the MLP's float32 FedAvg is unstable on the Dirichlet split (Chapter 2 measures it).
-    """
-    base = FedConfig(rounds=3, fraction=1.0, local_epochs=1, batch_size=32, lr=0.04, momentum=0.9,
+    (batch 32, lr :data:`CNN_LR`, momentum 0.9). Keyword arguments override single fields;
+    the MLP chapters pass ``lr=MLP_LR``."""
+    base = FedConfig(rounds=3, fraction=1.0, local_epochs=1, batch_size=32, lr=CNN_LR, momentum=0.9,
                      seed=BOOK_SEED)
     return dataclasses.replace(base, **overrides)
+
+
+@dataclass(frozen=True)
+class BookData:
+    """What :func:`chapter_setup` returns: the datasets and the fixed split of the training set."""
+
+    train: TensorDataset   # all 60,000 training images (clients index into it)
+    test: TensorDataset    # 10,000 test images: only for reporting
+    pool: torch.Tensor     # training indices the clients are drawn from
+    val_idx: torch.Tensor  # training indices held out for choosing hyper-parameters
+    val: TensorDataset     # train.subset(val_idx)
+
+
+def chapter_setup(seed: int = BOOK_SEED, threads: int = THREADS) -> BookData:
+    """Every chapter's set-up cell: seed everything, fix the torch thread count, set the figure style,
+    load Fashion-MNIST and split off the validation set."""
+    seed_everything(seed, threads=threads)
+    plots.use_book_style()
+    train, test = book_data()
+    pool, val_idx = validation_split(len(train))
+    return BookData(train=train, test=test, pool=pool, val_idx=val_idx, val=train.subset(val_idx))

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .federated import History
+from .history import History
 
 __all__ = ["use_book_style", "plot_curves", "plot_accuracy_vs_bytes", "plot_label_histogram", "markdown_table"]
 

@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .aggregation import FedAvg
 from .data import TensorDataset
-from .federated import Server, evaluate
+from .federated import Server
+from .training import evaluate
 
 __all__ = [
     "Masks",
@@ -213,20 +215,24 @@ def cubic_sparsity(step: int, final: float, begin: int, end: int, initial: float
     return float(final + (initial - final) * (1 - frac) ** 3)
 
 
-class FederatedPruner:
-    """Server-side gradual magnitude pruning for :func:`helpers.federated.run_federated`.
+class FederatedPruner(FedAvg):
+    """FedAvg with server-side gradual magnitude pruning: a strategy for
+    :func:`helpers.federated.run_federated` (``strategy=FederatedPruner(...)``).
 
-    * ``before_round(round, server)``: prune ``server.model`` (global magnitude ranking) to the
-      schedule's sparsity and keep the masks. Pruned weights are 0, so they rank lowest and stay
-      pruned as the sparsity grows: the masks only tighten.
-    * ``after_local_step(model)``: a client re-applies the masks after every SGD step, so its
-      masked weights stay 0 and its update for them is exactly 0; FedAvg of zeros is zero, so the
-      global model keeps the mask through aggregation too. The clients learn the mask from the
-      broadcast model itself (its zeros), so no extra bytes are needed for it.
+    * :meth:`before_round`: prune ``server.model`` (global magnitude ranking) to the schedule's
+      sparsity and keep the masks. Pruned weights are 0, so they rank lowest and stay pruned as the
+      sparsity grows: the masks only tighten.
+    * :meth:`after_local_step`: a client re-applies the masks after every SGD step, so its masked
+      weights stay 0 and its update for them is exactly 0; FedAvg of zeros is zero, so the global
+      model keeps the mask through aggregation too. The clients learn the mask from the broadcast
+      model itself (its zeros), so no extra bytes are needed for it.
+
+    Sampling and aggregation are FedAvg's (keyword arguments ``aggregator``/``norm_bound`` pass through).
     """
 
     def __init__(self, final_sparsity: float, begin: int, end: int, initial: float = 0.0,
-                 scope: str = "global") -> None:
+                 scope: str = "global", **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
         check_sparsity(final_sparsity)
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
@@ -238,7 +244,7 @@ class FederatedPruner:
         return cubic_sparsity(round_idx, self.final_sparsity, self.begin, self.end, self.initial)
 
     def before_round(self, round_idx: int, server: Server) -> None:
-        """Prune the global model to this round's target sparsity (the hook run_federated calls)."""
+        """Prune the global model to this round's target sparsity."""
         s = self.target(round_idx)
         if s > 0:
             self.masks = magnitude_masks(server.model, s, self.scope)
@@ -251,17 +257,27 @@ class FederatedPruner:
             apply_masks(model, self.masks)
 
 
+def _layers_in_order(model: nn.Module) -> tuple[list[nn.Conv2d], list[nn.Linear]]:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return convs, linears
+
+
 @torch.no_grad()
 def shrink_small_cnn(model: nn.Module, keep: float) -> nn.Module:
     """Structured (channel) pruning of a :class:`helpers.models.SmallCNN`: keep the ``keep``
     fraction of conv channels and hidden units with the largest L1 norms, and return a *smaller
-    dense* SmallCNN holding those slices (no fine-tuning)."""
+    dense* SmallCNN holding those slices (no fine-tuning). The layers are found by type, in order
+    (two convolutions, then two linear layers), not by their position in the model."""
     from .models import SmallCNN
 
-    if not 0 < keep <= 1:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-    conv1, conv2 = model.features[0], model.features[3]
-    fc1, fc2 = model.classifier[0], model.classifier[2]
+    convs, linears = _layers_in_order(model)
+    if len(convs) != 2 or len(linears) != 2:
+        raise ValueError(f"shrink_small_cnn expects a SmallCNN (2 conv + 2 linear layers), got "
+                         f"{len(convs)} conv and {len(linears)} linear layers")
+    (conv1, conv2), (fc1, fc2) = convs, linears
 
     def top(weight: torch.Tensor) -> torch.Tensor:
         n = max(1, int(round(keep * weight.shape[0])))
@@ -271,7 +287,7 @@ def shrink_small_cnn(model: nn.Module, keep: float) -> nn.Module:
     spatial = fc1.in_features // conv2.out_channels   # 7 x 7 positions per channel after pooling
     small = SmallCNN(num_classes=fc2.out_features, channels=(len(k1), len(k2)), hidden=len(kh),
                      input_shape=(conv1.in_channels, 28, 28))
-    c1, c2, f1, f2 = small.features[0], small.features[3], small.classifier[0], small.classifier[2]
+    (c1, c2), (f1, f2) = _layers_in_order(small)
     c1.weight.copy_(conv1.weight[k1]); c1.bias.copy_(conv1.bias[k1])
     c2.weight.copy_(conv2.weight[k2][:, k1]); c2.bias.copy_(conv2.bias[k2])
     cols = (k2[:, None] * spatial + torch.arange(spatial)[None, :]).reshape(-1)

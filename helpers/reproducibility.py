@@ -11,24 +11,23 @@ import torch
 __all__ = ["seed_everything", "make_rng"]
 
 
-def seed_everything(seed: int, threads: int | None = None, deterministic_kernels: bool = False) -> np.random.Generator:
+def seed_everything(seed: int, threads: int | None = None) -> np.random.Generator:
     """Seed Python, NumPy and PyTorch.
 
     Returns a fresh ``np.random.Generator`` seeded with ``seed``; the helpers take such
     generators explicitly rather than relying on NumPy's global state.
     ``threads`` (optional) fixes ``torch.set_num_threads`` so timings are comparable.
-    The CPU kernels the book uses are deterministic for a fixed thread count; on a GPU, pass
-    ``deterministic_kernels=True`` to make PyTorch avoid its non-deterministic kernels (slower).
+    The CPU kernels the book uses are deterministic for a fixed thread count.
     """
-    if not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic_kernels:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
         torch.set_num_threads(threads)
     return np.random.default_rng(seed)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers.codecs import Float16Codec, Float32Codec, PayloadError, validate_update
-from helpers.federated import float_state
+from helpers.training import float_state
 from helpers.models import SmallCNN
 
 

@@ -42,7 +42,7 @@ def test_unknown_dataset_and_missing_data_errors(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("num_clients", [1, 7, 100])
 def test_iid_partition_is_disjoint_cover_and_balanced(fmnist_train, num_clients):
-    parts = partition_iid(fmnist_train.y, num_clients, rng=0)
+    parts = partition_iid(fmnist_train.y, num_clients, seed=0)
     _assert_disjoint_cover(parts, 60000)
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
@@ -50,7 +50,7 @@ def test_iid_partition_is_disjoint_cover_and_balanced(fmnist_train, num_clients)
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 100.0])
 def test_dirichlet_partition_is_disjoint_cover(fmnist_train, alpha):
-    parts = partition_dirichlet(fmnist_train.y, 20, alpha, rng=1)
+    parts = partition_dirichlet(fmnist_train.y, 20, alpha, seed=1)
     _assert_disjoint_cover(parts, 60000)
     assert min(len(p) for p in parts) >= 10
 
@@ -58,32 +58,32 @@ def test_dirichlet_partition_is_disjoint_cover(fmnist_train, alpha):
 def test_dirichlet_alpha_controls_skew(fmnist_train):
     """Small alpha concentrates each client on few classes; large alpha is near IID."""
     def mean_max_share(alpha):
-        h = label_histogram(fmnist_train.y, partition_dirichlet(fmnist_train.y, 20, alpha, rng=2), 10)
+        h = label_histogram(fmnist_train.y, partition_dirichlet(fmnist_train.y, 20, alpha, seed=2), 10)
         return float((h.max(1) / h.sum(1)).mean())
     skewed, near_iid = mean_max_share(0.1), mean_max_share(100.0)
     assert skewed > 0.5 and near_iid < 0.2
 
 
 def test_dirichlet_is_reproducible(fmnist_train):
-    a = partition_dirichlet(fmnist_train.y, 10, 0.5, rng=3)
-    b = partition_dirichlet(fmnist_train.y, 10, 0.5, rng=np.random.default_rng(3))
+    a = partition_dirichlet(fmnist_train.y, 10, 0.5, seed=3)
+    b = partition_dirichlet(fmnist_train.y, 10, 0.5, seed=np.random.default_rng(3))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_shards_give_each_client_few_labels(fmnist_train):
-    parts = partition_shards(fmnist_train.y, 10, 2, rng=0)
+    parts = partition_shards(fmnist_train.y, 10, 2, seed=0)
     _assert_disjoint_cover(parts, 60000)
     h = label_histogram(fmnist_train.y, parts, 10)
     assert ((h > 0).sum(1) <= 2).all()
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda y: partition_dirichlet(y, 10, 0.0, rng=0), "alpha"),
-    (lambda y: partition_dirichlet(y, 10, -1.0, rng=0), "alpha"),
-    (lambda y: partition_iid(y, 0, rng=0), "num_clients"),
-    (lambda y: partition_iid(y[:5], 6, rng=0), "more clients than samples"),
-    (lambda y: partition_shards(y[:10], 3, 4, rng=0), "shards"),
-    (lambda y: partition_iid(y, 2, rng=None), "seed"),
+    (lambda y: partition_dirichlet(y, 10, 0.0, seed=0), "alpha"),
+    (lambda y: partition_dirichlet(y, 10, -1.0, seed=0), "alpha"),
+    (lambda y: partition_iid(y, 0, seed=0), "num_clients"),
+    (lambda y: partition_iid(y[:5], 6, seed=0), "more clients than samples"),
+    (lambda y: partition_shards(y[:10], 3, 4, seed=0), "shards"),
+    (lambda y: partition_iid(y, 2, seed=None), "seed"),
 ])
 def test_bad_partition_arguments_raise_clear_errors(fmnist_train, call, match):
     with pytest.raises(ValueError, match=match):
@@ -91,15 +91,15 @@ def test_bad_partition_arguments_raise_clear_errors(fmnist_train, call, match):
 
 
 def test_label_histogram_counts(fmnist_train):
-    parts = partition_iid(fmnist_train.y[:1000], 4, rng=0)
+    parts = partition_iid(fmnist_train.y[:1000], 4, seed=0)
     h = label_histogram(fmnist_train.y[:1000], parts, 10)
     assert h.shape == (4, 10) and h.sum() == 1000
     assert (h[0] == np.bincount(fmnist_train.y[:1000][parts[0]].numpy(), minlength=10)).all()
 
 
 def test_split_indices_is_disjoint(fmnist_train):
-    rest, held = split_indices(60000, 0.1, rng=0)
+    rest, held = split_indices(60000, 0.1, seed=0)
     assert len(held) == 6000 and len(rest) == 54000
     assert len(set(rest.tolist()) & set(held.tolist())) == 0
     with pytest.raises(ValueError):
-        split_indices(100, 1.5, rng=0)
+        split_indices(100, 1.5, seed=0)

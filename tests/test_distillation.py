@@ -9,7 +9,8 @@ from helpers.codecs import Float16Codec, Float32Codec
 from helpers.data import partition_dirichlet
 from helpers.distillation import (KDLoss, distill_on_public, kd_loss, predict_logits, public_split,
                                   run_logit_exchange, soft_targets, train_student)
-from helpers.federated import FedConfig, evaluate, train_centralized
+from helpers.federated import FedConfig
+from helpers.training import evaluate, train_centralized
 from helpers.models import MLP, SmallCNN, count_parameters, size_report, teacher_student_pair
 
 
@@ -77,7 +78,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         KDLoss(torch.zeros(5))
     with pytest.raises(ValueError):
-        public_split(100, 0, rng=0)
+        public_split(100, 0, seed=0)
 
 
 def test_kdloss_looks_up_teacher_logits_by_index():
@@ -96,9 +97,9 @@ def test_teacher_student_pair_size_ratio():
 
 
 def test_public_split_is_disjoint_from_every_client(small_train):
-    private, public = public_split(len(small_train), 500, rng=0)
+    private, public = public_split(len(small_train), 500, seed=0)
     assert len(public) == 500 and len(private) == len(small_train) - 500
-    parts = [private[p] for p in partition_dirichlet(small_train.y[private], 5, 0.5, rng=0)]
+    parts = [private[p] for p in partition_dirichlet(small_train.y[private], 5, 0.5, seed=0)]
     pub = set(public.tolist())
     assert all(pub.isdisjoint(p.tolist()) for p in parts)
     assert sorted(torch.cat(parts).tolist()) == private.tolist()
@@ -130,8 +131,8 @@ def test_distill_on_public_never_needs_labels(small_train):
 
 def test_logit_exchange_bytes_consensus_and_heterogeneous_clients(small_train, small_test):
     seed_everything(0)
-    private, public = public_split(len(small_train), 300, rng=0)
-    parts = [private[p] for p in partition_dirichlet(small_train.y[private], 3, 0.5, rng=0)]
+    private, public = public_split(len(small_train), 300, seed=0)
+    parts = [private[p] for p in partition_dirichlet(small_train.y[private], 3, 0.5, seed=0)]
     models = [MLP(hidden=(32,)), MLP(hidden=(16, 16)), SmallCNN(channels=(4, 8), hidden=16)]  # all different
     cfg = FedConfig(rounds=2, local_epochs=1, batch_size=32, lr=0.02, momentum=0.9, seed=0)
     pub_x = small_train.x[public]
@@ -157,7 +158,7 @@ def test_logit_exchange_bytes_consensus_and_heterogeneous_clients(small_train, s
 def test_consensus_is_the_sample_weighted_mean_of_client_logits(small_train, small_test):
     """With distillation switched off after the upload, the consensus is exactly the n_k-weighted mean."""
     seed_everything(0)
-    private, public = public_split(len(small_train), 100, rng=1)
+    private, public = public_split(len(small_train), 100, seed=1)
     parts = [private[:1000], private[1000:4000]]
     cfg = FedConfig(rounds=1, batch_size=64, lr=0.02, seed=0)
     models = [MLP(hidden=(8,)), MLP(hidden=(8,))]

@@ -8,8 +8,9 @@ from helpers import seed_everything
 from helpers.codecs import Float16Codec
 from helpers.data import partition_dirichlet, partition_iid
 from helpers.error_feedback import ErrorFeedback
-from helpers.federated import (Client, FedConfig, evaluate, fedavg, float_state, run_federated,
-                               train_centralized)
+from helpers.aggregation import fedavg
+from helpers.federated import Client, FedConfig, run_federated
+from helpers.training import evaluate, float_state, train_centralized
 from helpers.models import MLP, SmallCNN, count_parameters, model_bytes
 
 
@@ -66,7 +67,7 @@ def test_short_federated_run_learns_and_counts_bytes(small_train, small_test):
     seed_everything(0)
     model = SmallCNN()
     before = float_state(model)
-    parts = partition_iid(small_train.y, 5, rng=0)
+    parts = partition_iid(small_train.y, 5, seed=0)
     cfg = FedConfig(rounds=3, fraction=0.6, local_epochs=1, batch_size=32, lr=0.05, momentum=0.9, seed=0)
     run = run_federated(model, small_train, parts, small_test, cfg)
     h = run.history
@@ -84,7 +85,7 @@ def test_short_federated_run_learns_and_counts_bytes(small_train, small_test):
 
 
 def test_run_is_deterministic(small_train, small_test):
-    parts = partition_dirichlet(small_train.y, 4, 0.5, rng=0)
+    parts = partition_dirichlet(small_train.y, 4, 0.5, seed=0)
     cfg = FedConfig(rounds=2, batch_size=64, lr=0.05, seed=3)
     seed_everything(0)
     model = MLP(hidden=(32,))
@@ -96,7 +97,7 @@ def test_run_is_deterministic(small_train, small_test):
 def test_corrupted_payload_is_skipped_and_round_goes_on(small_train, small_test):
     seed_everything(0)
     model = MLP(hidden=(32,))
-    parts = partition_iid(small_train.y, 4, rng=0)
+    parts = partition_iid(small_train.y, 4, seed=0)
     cfg = FedConfig(rounds=2, batch_size=64, lr=0.05, seed=0)
 
     def flip_client_2(rnd, cid, payload):
@@ -118,7 +119,7 @@ def test_corrupted_payload_is_skipped_and_round_goes_on(small_train, small_test)
 def test_nan_update_is_rejected(small_train, small_test):
     seed_everything(0)
     model = MLP(hidden=(16,))
-    parts = partition_iid(small_train.y, 2, rng=0)
+    parts = partition_iid(small_train.y, 2, seed=0)
     cfg = FedConfig(rounds=1, batch_size=64, lr=1e6, seed=0)  # a huge step overflows float16 to inf
     run = run_federated(model, small_train, parts, small_test, cfg, uplink=Float16Codec())
     assert run.history.column("rejected") == [2]
@@ -145,7 +146,8 @@ def test_centralized_baseline_learns(small_train, small_test):
 
 
 def test_local_steps_and_samples_seen(small_train):
-    from helpers.federated import local_train, samples_seen
+    from helpers.federated import samples_seen
+    from helpers.training import local_train
     # 100 samples in batches of 32 make one pass of [32, 32, 32, 4]
     assert samples_seen(100, FedConfig(batch_size=32, local_steps=5)) == 132
     cfg = FedConfig(batch_size=32, local_steps=4)

@@ -5,9 +5,10 @@ import torch
 
 from helpers import seed_everything
 from helpers.data import partition_dirichlet
-from helpers.federated import FedConfig, Server, float_state, local_train, run_federated
+from helpers.federated import FedConfig, Server, run_federated
+from helpers.training import float_state, local_train
 from helpers.models import MLP, SmallCNN, count_parameters
-from helpers.sparse_codecs import SparseCodec
+from helpers.codecs import SparseCodec
 from helpers import pruning
 
 
@@ -100,16 +101,17 @@ def test_masked_weights_stay_zero_after_local_training(small_train, cnn):
 def test_masks_survive_aggregation_and_tighten_over_rounds(small_train, small_test):
     seed_everything(0)
     model = MLP(hidden=(32,))
-    part = partition_dirichlet(small_train.y, 4, 0.5, rng=0)
-    pruner = pruning.FederatedPruner(0.8, begin=1, end=3)
+    part = partition_dirichlet(small_train.y, 4, 0.5, seed=0)
     seen = []
 
-    def before(rnd, server):
-        pruner.before_round(rnd, server)
-        seen.append({k: m.clone() for k, m in pruner.masks.items()})
+    class RecordingPruner(pruning.FederatedPruner):
+        def before_round(self, round_idx, server):
+            super().before_round(round_idx, server)
+            seen.append({k: m.clone() for k, m in self.masks.items()})
 
-    run = run_federated(model, small_train, part, small_test, FedConfig(rounds=3, lr=0.02, momentum=0.9, batch_size=32), uplink=SparseCodec(),
-                        downlink=SparseCodec(), before_round=before, after_local_step=pruner.after_local_step)
+    pruner = RecordingPruner(0.8, begin=1, end=3)
+    run = run_federated(model, small_train, part, small_test, FedConfig(rounds=3, lr=0.02, momentum=0.9, batch_size=32),
+                        uplink=SparseCodec(), downlink=SparseCodec(), strategy=pruner)
     assert [r["target"] for r in pruner.log] == pytest.approx([0.0, 0.7, 0.8])
     assert pruning.sparsity(run.model) == pytest.approx(0.8, abs=1e-4)   # after the last aggregation
     final = pruning.prunable_weights(run.model)
@@ -129,13 +131,19 @@ def test_server_apply_keeps_zeros_when_updates_are_masked(cnn):
     masks = pruning.magnitude_masks(cnn, 0.5)
     updates = [{k: torch.randn_like(v) * (masks[k] if k in masks else 1) for k, v in server.state.items()}
                for _ in range(3)]
+    before = server.state
     server.apply(updates, [1, 2, 3])
-    assert pruning.sparsity(server.model) >= 0.5
+    after = server.state
+    expected = {k: v + sum(w * u[k] for w, u in zip([1 / 6, 2 / 6, 3 / 6], updates)) for k, v in before.items()}
+    assert all(torch.allclose(after[k], expected[k], atol=1e-5) for k in after)   # apply really applied the mean
+    for k, m in masks.items():
+        assert torch.all(after[k][~m] == 0) and torch.all(after[k][m] != before[k][m])
+    assert pruning.sparsity(server.model) == pytest.approx(0.5, abs=1e-3)
 
 
 def test_choose_threshold_picks_largest_sparsity_within_tolerance(small_train, small_test):
     seed_everything(0)
-    from helpers.federated import train_centralized
+    from helpers.training import train_centralized
     model = train_centralized(MLP(hidden=(64,)), small_train, small_test, epochs=1, lr=0.05).model
     val = small_test.subset(torch.arange(1000))
     before = copy.deepcopy(model.state_dict())

@@ -9,7 +9,8 @@ import torch
 
 from helpers import quantization as Q
 from helpers.codecs import Float32Codec, PackedIntCodec, PayloadError, QuantizedCodec
-from helpers.federated import evaluate, float_state, local_train, run_federated, FedConfig
+from helpers.federated import FedConfig, run_federated
+from helpers.training import evaluate, float_state, local_train
 from helpers.models import MLP
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers.codecs import Float32Codec, PayloadError
-from helpers.federated import float_state
+from helpers.training import float_state
 from helpers.models import MLP
-from helpers.sparse_codecs import (SparseCodec, TopKCodec, binary_entropy, decode_positions, encode_positions,
+from helpers.codecs import (SparseCodec, TopKCodec, binary_entropy, decode_positions, encode_positions,
                                    position_entropy_bits, varint_decode, varint_encode)
 
 

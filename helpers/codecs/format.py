@@ -1,4 +1,4 @@
-"""What crosses the network: codecs turn a dict of tensors into bytes and back.
+"""The wire format, and the float codecs: a dict of tensors becomes bytes and back.
 
 ``len(codec.encode(tensors))`` *is* the communication cost. Payloads are untrusted input, so
 the format is a fixed binary layout (never pickle) and :meth:`Codec.decode` validates it::
@@ -32,6 +32,7 @@ __all__ = [
     "Float16Codec",
     "validate_update",
     "MAGIC",
+    "expect_length",
 ]
 
 MAGIC = b"FLBK"
@@ -98,8 +99,13 @@ class Codec:
         blob = b"".join(parts)
         return blob + struct.pack("<I", zlib.crc32(blob))
 
-    def decode(self, payload: bytes) -> dict[str, torch.Tensor]:
-        """Parse and check a payload; raise :class:`PayloadError` with the reason if it is bad."""
+    def decode(self, payload: bytes, reference: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Parse and check a payload; raise :class:`PayloadError` with the reason if it is bad.
+
+        With ``reference`` (the server's global state), every tensor's name, shape and dtype are checked
+        against it *before* its body is decoded, so a payload can never make the server allocate more
+        than the model's size, and the result is checked by :func:`validate_update`.
+        """
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
         payload = bytes(payload)
@@ -137,6 +143,8 @@ class Codec:
             body = r.take(body_len)
             if name in out:
                 raise PayloadError(f"tensor {name!r} appears twice")
+            if reference is not None:
+                _check_against(name, shape, _DTYPES[dtype_code], reference)
             try:
                 out[name] = self.decode_tensor(body, shape, _DTYPES[dtype_code])
             except PayloadError:
@@ -145,13 +153,15 @@ class Codec:
                 raise PayloadError(f"tensor {name!r}: body does not match its header ({exc})") from exc
         if r.pos != len(r.data):
             raise PayloadError(f"{len(r.data) - r.pos} unexpected trailing bytes")
+        if reference is not None:
+            validate_update(out, reference)
         return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-def _expect(body: bytes, n: int, what: str) -> None:
+def expect_length(body: bytes, n: int, what: str) -> None:
     if len(body) != n:
         raise PayloadError(f"{what}: body has {len(body)} bytes, header implies {n}")
 
@@ -166,7 +176,7 @@ class Float32Codec(Codec):
         return tensor.to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
 
     def decode_tensor(self, body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        _expect(body, 4 * math.prod(shape), "float32")
+        expect_length(body, 4 * math.prod(shape), "float32")
         arr = np.frombuffer(body, dtype="<f4").reshape(shape)
         return torch.from_numpy(arr.copy()).to(dtype)
 
@@ -182,13 +192,25 @@ class Float16Codec(Codec):
         return tensor.to(torch.float16).contiguous().numpy().astype("<f2", copy=False).tobytes()
 
     def decode_tensor(self, body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        _expect(body, 2 * math.prod(shape), "float16")
+        expect_length(body, 2 * math.prod(shape), "float16")
         arr = np.frombuffer(body, dtype="<f2").reshape(shape)
         return torch.from_numpy(arr.astype(np.float32)).to(dtype)
 
 
+def _check_against(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   reference: Mapping[str, torch.Tensor]) -> None:
+    """A header entry must name a tensor of the reference with the same shape and dtype."""
+    if name not in reference:
+        raise PayloadError(f"unexpected tensor {name!r}: the model has no such tensor")
+    ref = reference[name]
+    if tuple(shape) != tuple(ref.shape):
+        raise PayloadError(f"{name!r} has shape {tuple(shape)}, the model expects {tuple(ref.shape)}")
+    if dtype != ref.dtype:
+        raise PayloadError(f"{name!r} is declared {dtype}, the model's tensor is {ref.dtype}")
+
+
 def validate_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
-    """Check a decoded update against the global state: same names, same shapes, finite values."""
+    """Check a decoded update against the global state: same names, shapes and dtypes, finite values."""
     missing = set(reference) - set(update)
     extra = set(update) - set(reference)
     if missing or extra:
@@ -198,113 +220,7 @@ def validate_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, 
         t = update[name]
         if tuple(t.shape) != tuple(ref.shape):
             raise PayloadError(f"{name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise PayloadError(f"{name!r} has dtype {t.dtype}, the model's tensor is {ref.dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PayloadError(f"{name!r} contains NaN or infinite values")
-
-
-# ---- Chapter 2: quantizing codecs (codec ids 2-9) ------------------------------------------------
-# Appended after the float codecs; the math lives in helpers.quantization, the framing above.
-
-from . import quantization as _q  # noqa: E402  (kept next to the codecs that use it)
-
-__all__ += ["QuantizedCodec", "PackedIntCodec"]
-
-
-class QuantizedCodec(Codec):
-    r"""Uniform symmetric ``bits``-bit quantization of every tensor, codes bit-packed.
-
-    Body of one tensor (little-endian)::
-
-        bits (uint8) | mode (uint8: 0 one scale, 1 one scale per output channel)
-        | k scales (float32; k = 1, or shape[0] in mode 1) | codes packed at ``bits`` bits each
-
-    so a tensor of :math:`n` values costs exactly :math:`2 + 4k + \lceil n b / 8 \rceil` bytes.
-    Per-channel scales (``per_channel=True``) are used only for tensors with ≥ 2 dims (weights);
-    biases and scalars get one scale. ``stochastic=True`` rounds stochastically (unbiased) with a
-    ``torch.Generator`` the codec owns, seeded by ``seed``: use a fresh codec for each run.
-    """
-
-    codec_id = 2
-
-    def __init__(self, bits: int, per_channel: bool = True, stochastic: bool = False, seed: int = 0) -> None:
-        self.bits = _q.check_bits(bits)
-        self.per_channel = bool(per_channel)
-        self.stochastic = bool(stochastic)
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed) if stochastic else None
-        self.name = f"q{self.bits}" + ("-sr" if stochastic else "")
-
-    def _mode(self, shape: tuple[int, ...]) -> int:
-        return int(self.per_channel and len(shape) >= 2 and shape[0] > 0)
-
-    def encode_tensor(self, tensor: torch.Tensor) -> bytes:
-        if not tensor.is_floating_point():
-            raise ValueError(f"{self.name} quantizes floating-point tensors only, got {tensor.dtype}")
-        mode = self._mode(tuple(tensor.shape))
-        qt = _q.quantize(tensor.float(), self.bits, per_channel=bool(mode), stochastic=self.stochastic,
-                         generator=self.generator)
-        scales = qt.scale.numpy().astype("<f4", copy=False).tobytes()
-        return struct.pack("<BB", self.bits, mode) + scales + _q.pack_codes(qt.codes, self.bits)
-
-    def decode_tensor(self, body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if not dtype.is_floating_point:
-            raise PayloadError(f"{self.name}: header says dtype {dtype}, quantized tensors are floating point")
-        if len(body) < 2:
-            raise PayloadError(f"{self.name}: body of {len(body)} bytes is shorter than its 2-byte header")
-        bits, mode = body[0], body[1]
-        if bits != self.bits:
-            raise PayloadError(f"{self.name}: tensor was quantized with {bits} bits, this codec expects {self.bits}")
-        if mode not in (0, 1) or (mode == 1 and len(shape) < 2):
-            raise PayloadError(f"{self.name}: invalid scale mode {mode} for shape {shape}")
-        k = shape[0] if mode == 1 else 1
-        n = math.prod(shape)
-        _expect(body, 2 + 4 * k + -(-n * bits // 8), self.name)
-        scales = torch.from_numpy(np.frombuffer(body, dtype="<f4", count=k, offset=2).copy())
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise PayloadError(f"{self.name}: scales must be finite and non-negative")
-        try:
-            codes = _q.unpack_codes(body[2 + 4 * k:], n, bits).reshape(shape)
-        except ValueError as exc:
-            raise PayloadError(f"{self.name}: {exc}") from exc
-        return _q.dequantize(_q.QuantizedTensor(codes, scales, bits)).to(dtype)
-
-    def __repr__(self) -> str:
-        return (f"QuantizedCodec(bits={self.bits}, per_channel={self.per_channel}, "
-                f"stochastic={self.stochastic}, seed={self.seed})")
-
-
-class PackedIntCodec(Codec):
-    """Stores a deployable integer model: integer tensors (quantization codes) bit-packed at
-    ``bits`` bits, floating-point tensors (steps, biases) as raw float32.
-
-    Body: kind (uint8: 0 float32, 1 packed integers) | bits (uint8) | data.
-    """
-
-    codec_id = 3
-
-    def __init__(self, bits: int) -> None:
-        self.bits = _q.check_bits(bits)
-        self.name = f"int{self.bits}-packed"
-
-    def encode_tensor(self, tensor: torch.Tensor) -> bytes:
-        if tensor.is_floating_point():
-            return struct.pack("<BB", 0, 32) + Float32Codec().encode_tensor(tensor)
-        if tensor.dtype == torch.bool:
-            raise ValueError(f"{self.name}: bool tensors are not supported")
-        return struct.pack("<BB", 1, self.bits) + _q.pack_codes(tensor, self.bits)
-
-    def decode_tensor(self, body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if len(body) < 2:
-            raise PayloadError(f"{self.name}: body of {len(body)} bytes is shorter than its 2-byte header")
-        kind, bits = body[0], body[1]
-        if kind == 0 and bits == 32 and dtype.is_floating_point:
-            return Float32Codec().decode_tensor(body[2:], shape, dtype)
-        if kind == 1 and bits == self.bits and not dtype.is_floating_point and dtype != torch.bool:
-            try:
-                return _q.unpack_codes(body[2:], math.prod(shape), bits).reshape(shape).to(dtype)
-            except ValueError as exc:
-                raise PayloadError(f"{self.name}: {exc}") from exc
-        raise PayloadError(f"{self.name}: body kind {kind} / {bits} bits does not match dtype {dtype}")
-
-    def __repr__(self) -> str:
-        return f"PackedIntCodec(bits={self.bits})"

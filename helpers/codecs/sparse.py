@@ -32,7 +32,7 @@ import struct
 import numpy as np
 import torch
 
-from .codecs import Codec, Float16Codec, Float32Codec, PayloadError
+from .format import Codec, Float16Codec, Float32Codec, PayloadError
 
 __all__ = [
     "LAYOUTS",

@@ -1,0 +1,221 @@
+r"""How the server turns the round's client updates into the next global model.
+
+Two layers, each one small class:
+
+* an **aggregator** combines decoded, validated updates into one update. :class:`WeightedMean` is
+  FedAvg's rule (McMahan et al. 2017),
+
+  .. math::  \bar\Delta = \sum_{k \in S_t} \frac{n_k}{\sum_{j \in S_t} n_j}\, \Delta_k ;
+
+  :class:`CoordinateMedian` and :class:`TrimmedMean` are robust rules (Yin et al. 2018) that ignore
+  the weights, so no single client can pull the result arbitrarily far;
+* a **strategy** is the server's policy for a round: which clients to sample, what to do to the global
+  model before the round (:meth:`FedAvg.before_round`, e.g. pruning it), what a client does after each
+  local SGD step (:meth:`FedAvg.after_local_step`, e.g. re-apply a mask), and how to aggregate, including
+  a **norm bound** that scales down any update whose L2 norm exceeds ``norm_bound`` times the median
+  norm of the round's updates (on by default, at a multiple that never touches the book's honest updates).
+
+A new policy (pruning, deadlines, robust rules) is a new subclass or a new aggregator, not a new
+parameter of the round loop. The simulator (:func:`helpers.federated.run_federated`) and the Flower app
+use the same objects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # only for type hints: federated imports this module, not the other way round
+    from .federated import Server
+
+__all__ = [
+    "Update",
+    "check_updates",
+    "fedavg",
+    "update_norm",
+    "clip_to_median_norm",
+    "Aggregator",
+    "WeightedMean",
+    "CoordinateMedian",
+    "TrimmedMean",
+    "FedAvg",
+    "DEFAULT_NORM_BOUND",
+]
+
+Update = Mapping[str, torch.Tensor]
+DEFAULT_NORM_BOUND = 10.0
+
+
+def check_updates(updates: Sequence[Update], weights: Sequence[float] | None = None) -> list[float] | None:
+    """Raise a ``ValueError`` naming what is wrong unless the updates can be combined: at least one,
+    the same tensor names and shapes in each, floating point, and (if given) one non-negative weight
+    per update with a positive sum. Returns the weights normalised to sum to 1."""
+    if len(updates) == 0:
+        raise ValueError("updates is empty: need at least one update to aggregate")
+    names = list(updates[0])
+    for i, u in enumerate(updates):
+        if set(u) != set(names):
+            raise ValueError(f"updates[{i}] has tensors {sorted(u)}, updates[0] has {sorted(names)}")
+        for name in names:
+            if tuple(u[name].shape) != tuple(updates[0][name].shape):
+                raise ValueError(f"updates[{i}][{name!r}] has shape {tuple(u[name].shape)}, "
+                                 f"updates[0] has {tuple(updates[0][name].shape)}")
+            if not u[name].is_floating_point():
+                raise ValueError(f"updates[{i}][{name!r}] has dtype {u[name].dtype}; updates must be floating point")
+    if weights is None:
+        return None
+    if len(weights) != len(updates):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    w = [float(x) for x in weights]
+    if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be finite and non-negative with a positive sum, got {w}")
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def fedavg(updates: Sequence[Update], weights: Sequence[float],
+           like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    r"""Weighted average :math:`\sum_k \frac{w_k}{\sum_j w_j} u_k` of update dicts (FedAvg uses :math:`w_k = n_k`).
+
+    Computed in float32 and returned in the dtype of ``like`` (the global state), or float32: an
+    update's own dtype never decides the result's."""
+    w = check_updates(updates, weights)
+    out = {}
+    for name in updates[0]:
+        acc = sum(wk * u[name].to(torch.float32) for wk, u in zip(w, updates))
+        out[name] = acc.to(like[name].dtype if like is not None else torch.float32)
+    return out
+
+
+def update_norm(update: Update) -> float:
+    """The L2 norm of an update, all its tensors taken together."""
+    return math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in update.values()))
+
+
+def clip_to_median_norm(updates: Sequence[Update], multiple: float) -> tuple[list[dict[str, torch.Tensor]], int]:
+    r"""Scale every update whose norm exceeds :math:`\beta = \text{multiple} \times \mathrm{median}_k \|\Delta_k\|`
+    down to norm :math:`\beta` (needs ≥ 3 updates for a meaningful median; fewer are returned as they are).
+    Returns (updates, how many were clipped)."""
+    if not (isinstance(multiple, (int, float)) and multiple > 0):
+        raise ValueError(f"multiple must be a positive number, got {multiple!r}")
+    ups = [dict(u) for u in updates]
+    if len(ups) < 3:
+        return ups, 0
+    norms = [update_norm(u) for u in ups]
+    bound = multiple * float(np.median(norms))
+    clipped = 0
+    for i, n in enumerate(norms):
+        if n > bound:
+            ups[i] = {k: t * (bound / n) for k, t in ups[i].items()}
+            clipped += 1
+    return ups, clipped
+
+
+class Aggregator:
+    """Combines updates (and their sample counts) into one update."""
+
+    name = "aggregator"
+
+    def __call__(self, updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class WeightedMean(Aggregator):
+    """FedAvg's rule: the mean weighted by sample counts (:func:`fedavg`)."""
+
+    name = "weighted mean"
+
+    def __call__(self, updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        return fedavg(updates, weights)
+
+
+class CoordinateMedian(Aggregator):
+    """The coordinate-wise median of the updates (unweighted; the mean of the two middle values when
+    their number is even). Robust to fewer than half the clients being arbitrary."""
+
+    name = "median"
+
+    def __call__(self, updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        check_updates(updates, weights)
+        out = {}
+        for name in updates[0]:
+            s = torch.stack([u[name].to(torch.float32) for u in updates]).sort(dim=0).values
+            m = len(updates)
+            out[name] = s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2
+        return out
+
+
+class TrimmedMean(Aggregator):
+    r"""Per coordinate, drop the :math:`\lfloor \beta m \rfloor` largest and smallest of the :math:`m`
+    values and average the rest (unweighted). ``trim`` is :math:`\beta \in [0, 0.5)`."""
+
+    name = "trimmed mean"
+
+    def __init__(self, trim: float = 0.2) -> None:
+        if not (isinstance(trim, (int, float)) and 0 <= trim < 0.5):
+            raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
+        self.trim = float(trim)
+
+    def __call__(self, updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        check_updates(updates, weights)
+        m = len(updates)
+        k = int(math.floor(self.trim * m))
+        out = {}
+        for name in updates[0]:
+            s = torch.stack([u[name].to(torch.float32) for u in updates]).sort(dim=0).values
+            out[name] = s[k:m - k].mean(dim=0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"TrimmedMean(trim={self.trim})"
+
+
+class FedAvg:
+    """The round policy of FedAvg: sample a fraction of the clients uniformly without replacement,
+    bound the updates' norms, aggregate with ``aggregator`` (the weighted mean by default).
+
+    Subclasses override :meth:`before_round` (change the global model before it is broadcast) and
+    :meth:`after_local_step` (run on a client's model after every SGD step); :class:`helpers.pruning.FederatedPruner`
+    uses both. ``norm_bound=None`` switches the norm bound off.
+    """
+
+    def __init__(self, aggregator: Aggregator | None = None, norm_bound: float | None = DEFAULT_NORM_BOUND) -> None:
+        if norm_bound is not None and not (isinstance(norm_bound, (int, float)) and norm_bound > 0
+                                           and math.isfinite(norm_bound)):
+            raise ValueError(f"norm_bound must be a finite positive multiple of the median norm, or None; got {norm_bound!r}")
+        self.aggregator = aggregator or WeightedMean()
+        self.norm_bound = norm_bound
+        self.last_clipped = 0
+
+    def sample_clients(self, num_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
+        """``max(1, round(fraction * num_clients))`` client ids, uniformly without replacement, sorted."""
+        m = max(1, round(fraction * num_clients))
+        return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+    def before_round(self, round_idx: int, server: "Server") -> None:
+        """Called before round ``round_idx`` is broadcast; FedAvg does nothing."""
+
+    def after_local_step(self, model: nn.Module) -> None:
+        """Called on a client's model after each local SGD step; FedAvg does nothing."""
+
+    @property
+    def needs_after_step(self) -> bool:
+        return type(self).after_local_step is not FedAvg.after_local_step
+
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Norm-bound the updates (if on), then combine them with the aggregator."""
+        ups = list(updates)
+        self.last_clipped = 0
+        if self.norm_bound is not None:
+            ups, self.last_clipped = clip_to_median_norm(ups, self.norm_bound)
+        return self.aggregator(ups, weights)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(aggregator={self.aggregator!r}, norm_bound={self.norm_bound})"
