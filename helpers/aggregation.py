@@ -12,7 +12,7 @@ Two layers, each one small class:
 * a **strategy** is the server's policy for a round: which clients to sample, what to do to the global
   model before the round (:meth:`FedAvg.before_round`, e.g. pruning it), what a client does after each
   local SGD step (:meth:`FedAvg.after_local_step`, e.g. re-apply a mask), and how to aggregate, including
-  a **norm bound** that scales down any update whose L2 norm exceeds ``norm_bound`` times the median
+  a **norm bound** that drops (or clips) any update whose L2 norm exceeds ``norm_bound`` times the median
   norm of the round's updates (on by default, at a multiple that never touches the book's honest updates).
 
 A new policy (pruning, deadlines, robust rules) is a new subclass or a new aggregator, not a new
@@ -37,7 +37,7 @@ __all__ = [
     "check_updates",
     "fedavg",
     "update_norm",
-    "clip_to_median_norm",
+    "bound_norms",
     "Aggregator",
     "WeightedMean",
     "CoordinateMedian",
@@ -96,23 +96,31 @@ def update_norm(update: Update) -> float:
     return math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in update.values()))
 
 
-def clip_to_median_norm(updates: Sequence[Update], multiple: float) -> tuple[list[dict[str, torch.Tensor]], int]:
-    r"""Scale every update whose norm exceeds :math:`\beta = \text{multiple} \times \mathrm{median}_k \|\Delta_k\|`
-    down to norm :math:`\beta` (needs ≥ 3 updates for a meaningful median; fewer are returned as they are).
-    Returns (updates, how many were clipped)."""
-    if not (isinstance(multiple, (int, float)) and multiple > 0):
-        raise ValueError(f"multiple must be a positive number, got {multiple!r}")
-    ups = [dict(u) for u in updates]
+def bound_norms(updates: Sequence[Update], weights: Sequence[float], multiple: float,
+                action: str = "drop") -> tuple[list[dict[str, torch.Tensor]], list[float], int]:
+    r"""The norm bound: with :math:`\beta = \text{multiple} \times \mathrm{median}_k \|\Delta_k\|`, an update
+    whose L2 norm exceeds :math:`\beta` is dropped (``action="drop"``) or scaled down to norm :math:`\beta`
+    (``action="clip"``). Needs ≥ 3 updates for a meaningful median; fewer are returned as they are.
+    Returns (updates, weights, how many were dropped or clipped)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, float)) or not 0 < multiple < float("inf"):
+        raise ValueError(f"multiple must be a finite positive number, got {multiple!r}")
+    if action not in ("drop", "clip"):
+        raise ValueError(f"action must be 'drop' or 'clip', got {action!r}")
+    ups, ws = [dict(u) for u in updates], list(weights)
     if len(ups) < 3:
-        return ups, 0
+        return ups, ws, 0
     norms = [update_norm(u) for u in ups]
     bound = multiple * float(np.median(norms))
-    clipped = 0
-    for i, n in enumerate(norms):
+    out_u, out_w, hit = [], [], 0
+    for u, w, n in zip(ups, ws, norms):
         if n > bound:
-            ups[i] = {k: t * (bound / n) for k, t in ups[i].items()}
-            clipped += 1
-    return ups, clipped
+            hit += 1
+            if action == "drop":
+                continue
+            u = {k: t * (bound / n) for k, t in u.items()}
+        out_u.append(u)
+        out_w.append(w)
+    return out_u, out_w, hit
 
 
 class Aggregator:
@@ -181,18 +189,27 @@ class FedAvg:
     """The round policy of FedAvg: sample a fraction of the clients uniformly without replacement,
     bound the updates' norms, aggregate with ``aggregator`` (the weighted mean by default).
 
-    Subclasses override :meth:`before_round` (change the global model before it is broadcast) and
-    :meth:`after_local_step` (run on a client's model after every SGD step); :class:`helpers.pruning.FederatedPruner`
-    uses both. ``norm_bound=None`` switches the norm bound off.
+    The norm bound (:func:`bound_norms`) drops (``norm_action="drop"``, the default) or clips
+    (``"clip"``) any update whose norm exceeds ``norm_bound`` times the round's median norm;
+    ``norm_bound=None`` switches it off. Subclasses override :meth:`before_round` (change the global model
+    before it is broadcast) and :meth:`after_local_step` (run on a client's model after every SGD step);
+    :class:`helpers.pruning.FederatedPruner` uses both.
     """
 
-    def __init__(self, aggregator: Aggregator | None = None, norm_bound: float | None = DEFAULT_NORM_BOUND) -> None:
-        if norm_bound is not None and not (isinstance(norm_bound, (int, float)) and norm_bound > 0
-                                           and math.isfinite(norm_bound)):
-            raise ValueError(f"norm_bound must be a finite positive multiple of the median norm, or None; got {norm_bound!r}")
+    def __init__(self, aggregator: Aggregator | None = None, norm_bound: float | None = DEFAULT_NORM_BOUND,
+                 norm_action: str = "drop") -> None:
+        if norm_bound is not None and (isinstance(norm_bound, bool) or not isinstance(norm_bound, (int, float))
+                                       or not 0 < norm_bound < float("inf")):
+            raise ValueError(f"norm_bound must be a finite positive multiple of the median norm, or None; "
+                             f"got {norm_bound!r}")
+        if norm_action not in ("drop", "clip"):
+            raise ValueError(f"norm_action must be 'drop' or 'clip', got {norm_action!r}")
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise TypeError(f"aggregator must be an Aggregator, got {type(aggregator).__name__}")
         self.aggregator = aggregator or WeightedMean()
         self.norm_bound = norm_bound
-        self.last_clipped = 0
+        self.norm_action = norm_action
+        self.last_bounded = 0
 
     def sample_clients(self, num_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
         """``max(1, round(fraction * num_clients))`` client ids, uniformly without replacement, sorted."""
@@ -210,12 +227,14 @@ class FedAvg:
         return type(self).after_local_step is not FedAvg.after_local_step
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Norm-bound the updates (if on), then combine them with the aggregator."""
-        ups = list(updates)
-        self.last_clipped = 0
+        """Bound the updates' norms (if on), then combine the rest with the aggregator."""
+        check_updates(updates, weights)
+        ups, ws = list(updates), list(weights)
+        self.last_bounded = 0
         if self.norm_bound is not None:
-            ups, self.last_clipped = clip_to_median_norm(ups, self.norm_bound)
-        return self.aggregator(ups, weights)
+            ups, ws, self.last_bounded = bound_norms(ups, ws, self.norm_bound, self.norm_action)
+        return self.aggregator(ups, ws)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(aggregator={self.aggregator!r}, norm_bound={self.norm_bound})"
+        return (f"{type(self).__name__}(aggregator={self.aggregator!r}, norm_bound={self.norm_bound}, "
+                f"norm_action={self.norm_action!r})")

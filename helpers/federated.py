@@ -247,6 +247,6 @@ def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[to
             round=round_idx, test_acc=test_acc, test_loss=test_loss,
             train_loss=float(np.mean(losses)) if losses else float("nan"),
             bytes_up=up_bytes, bytes_down=len(down) * len(chosen), clients=len(chosen), rejected=rejected,
-            samples=samples, seconds=time.perf_counter() - t0, clipped=strategy.last_clipped if updates else 0))
+            samples=samples, seconds=time.perf_counter() - t0, bounded=strategy.last_bounded if updates else 0))
         print_progress(history, log_every, config.rounds)
     return FederatedRun(global_model, history, server)

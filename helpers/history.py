@@ -11,7 +11,7 @@ __all__ = ["RoundRecord", "History", "print_progress"]
 @dataclass
 class RoundRecord:
     """One row of a :class:`History`. ``bytes_up`` sums the accepted and rejected uploads;
-    ``clipped`` counts the updates the server's norm bound scaled down."""
+    ``bounded`` counts the accepted updates the server's norm bound dropped or clipped."""
 
     round: int
     test_acc: float
@@ -23,7 +23,7 @@ class RoundRecord:
     rejected: int
     samples: int      # training samples processed this round (the compute spent)
     seconds: float
-    clipped: int = 0
+    bounded: int = 0
 
 
 @dataclass
@@ -74,4 +74,5 @@ def print_progress(history: History, every: int, total: int) -> None:
     if every and (r.round % every == 0 or r.round == total):
         acc = "  -   " if math.isnan(r.test_acc) else f"{r.test_acc:.4f}"
         print(f"[{history.label or 'fedavg'}] round {r.round:3d}/{total}  test acc {acc}  "
-              f"up {r.bytes_up / 1e3:9.1f} kB  rejected {r.rejected}", flush=True)
+              f"up {r.bytes_up / 1e3:9.1f} kB  rejected {r.rejected}"
+              + (f"  norm-bounded {r.bounded}" if r.bounded else ""), flush=True)

@@ -37,7 +37,9 @@ __all__ = [
 
 MAGIC = b"FLBK"
 VERSION = 1
-MAX_ELEMENTS = 1 << 28  # refuse payloads that claim absurd sizes (a memory-exhaustion guard)
+MAX_ELEMENTS = 1 << 26
+"""Without a reference state, a payload may claim at most this many values in all (256 MiB as float32).
+A server always decodes against its reference, which bounds every allocation by the model's size."""
 
 _DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64,
                                    4: torch.int8, 5: torch.uint8, 6: torch.int32, 7: torch.int64, 8: torch.bool}
@@ -90,7 +92,13 @@ class Codec:
         for name, tensor in tensors.items():
             if tensor.dtype not in _DTYPE_CODES:
                 raise ValueError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+            if not isinstance(name, str):
+                raise TypeError(f"tensor names must be str, got {type(name).__name__}")
             name_b = name.encode("utf-8")
+            if len(name_b) > 0xFFFF:
+                raise ValueError(f"tensor name {name[:40]!r}... is {len(name_b)} bytes in UTF-8; the format allows 65,535")
+            if tensor.dim() > 255:
+                raise ValueError(f"tensor {name!r} has {tensor.dim()} dimensions; the format allows 255")
             body = self.encode_tensor(tensor.detach().cpu())
             parts += [struct.pack("<H", len(name_b)), name_b,
                       struct.pack("<BB", _DTYPE_CODES[tensor.dtype], tensor.dim()),
@@ -137,8 +145,9 @@ class Codec:
             shape = tuple(r.unpack(f"{ndim}I")) if ndim else ()
             numel = math.prod(shape)
             total += numel
-            if total > MAX_ELEMENTS:
-                raise PayloadError(f"payload claims {total} elements, more than the limit {MAX_ELEMENTS}")
+            limit = MAX_ELEMENTS if reference is None else sum(t.numel() for t in reference.values())
+            if total > limit:
+                raise PayloadError(f"payload claims {total} elements, more than the limit {limit}")
             (body_len,) = r.unpack("I")
             body = r.take(body_len)
             if name in out:
@@ -149,8 +158,9 @@ class Codec:
                 out[name] = self.decode_tensor(body, shape, _DTYPES[dtype_code])
             except PayloadError:
                 raise
-            except (ValueError, RuntimeError, struct.error) as exc:
-                raise PayloadError(f"tensor {name!r}: body does not match its header ({exc})") from exc
+            except Exception as exc:  # any failure while decoding untrusted bytes is a rejection, never a crash
+                raise PayloadError(f"tensor {name!r}: body does not match its header "
+                                   f"({type(exc).__name__}: {exc})") from exc
         if r.pos != len(r.data):
             raise PayloadError(f"{len(r.data) - r.pos} unexpected trailing bytes")
         if reference is not None:
