@@ -55,20 +55,22 @@ class TensorDataset:
     y: torch.Tensor
     classes: tuple[str, ...]
     origin: tuple | None = None
-    """``(name, train, root)`` when this is exactly what :func:`load_dataset` returned (set by the
-    loader; ``subset()`` drops it). Such a dataset pickles as "load it again" -- a few bytes instead of
-    the tensors -- so :func:`helpers.parallel.run_parallel` can hand it to every worker for free."""
+    """``(name, train, root)``, set by :func:`load_dataset` (``subset()`` drops it). While ``x`` and ``y``
+    are still the loader's own tensors, the dataset pickles as "load it again" -- a few bytes instead of
+    188 MB -- so :func:`helpers.parallel.run_parallel` hands it to every worker for free."""
 
     def __reduce__(self):
         if self.origin is not None:
-            return _load, tuple(self.origin)
+            cached = _load(*self.origin)
+            if cached.x is self.x and cached.y is self.y:
+                return _load, tuple(self.origin)
         return TensorDataset, (self.x, self.y, self.classes)
 
     def __copy__(self) -> "TensorDataset":
         return TensorDataset(self.x, self.y, self.classes, self.origin)
 
     def __deepcopy__(self, memo: dict) -> "TensorDataset":
-        return TensorDataset(self.x.clone(), self.y.clone(), self.classes, self.origin)
+        return TensorDataset(self.x.clone(), self.y.clone(), self.classes)
 
     def __len__(self) -> int:
         return len(self.y)
