@@ -58,9 +58,15 @@ book-strict: data
 test-helpers: data
 	$(PY) -m pytest -q tests --ignore=tests/test_browser.py
 
+# One pytest run per chapter, so each chapter's execution time is printed next to its 150 s budget.
 test-notebooks: data
-	cd book && ../$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with ../tests/nbval_sanitize.cfg \
-	  -p no:cacheprovider $(notdir $(NOTEBOOKS))
+	@cd book && failed=""; for nb in $(notdir $(NOTEBOOKS)); do \
+	  start=$$(date +%s); \
+	  if ../$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with ../tests/nbval_sanitize.cfg \
+	      -p no:cacheprovider $$nb; then result=passed; else result=FAILED; failed="$$failed $$nb"; fi; \
+	  echo "$$nb: nbval $$result in $$(( $$(date +%s) - start )) s (budget 150 s)"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "nbval failed:$$failed"; exit 1; fi
 
 test-browser: book-strict
 	@if [ -f tests/test_browser.py ]; then $(PY) -m pytest -q tests/test_browser.py; fi
