@@ -1,15 +1,18 @@
 """``helpers``: the small library behind *Federated Learning with Model Compression*.
 
-Each module has one job (see CONTRIBUTING.md): ``data``, ``models``, ``training``, ``history``,
-``codecs`` (a package: the wire format, quantized and sparse codecs), ``error_feedback``,
-``aggregation``, ``federated``, ``experiment``, ``plots``, and the compression families
-``quantization``, ``pruning`` and ``distillation``.
+Each module has one job (the module map is in CONTRIBUTING.md): ``data``, ``models``, ``training``,
+``history``, ``codecs`` (a package: the wire format, quantized and sparse codecs), ``error_feedback``,
+``aggregation``, ``federated``, ``parallel``, ``experiment``, ``plots``, the compression families
+``quantization``, ``pruning`` and ``distillation``, then ``deploy`` (ONNX Runtime) and ``systems``
+(device profiles and the simulated clock). The Flower app lives in the subpackage ``helpers.flower``,
+imported only where Flower is used.
 """
 
-from . import (aggregation, codecs, data, distillation, error_feedback, experiment, federated, history, models,
-               plots, pruning, quantization, training)
+from . import (aggregation, codecs, data, deploy, distillation, error_feedback, experiment, federated, history,
+               models, parallel, plots, pruning, quantization, training)
 from .reproducibility import make_rng, seed_everything
 from .source import show_source
 
-__all__ = ["aggregation", "codecs", "data", "distillation", "error_feedback", "experiment", "federated", "history",
-           "models", "plots", "pruning", "quantization", "training", "make_rng", "seed_everything", "show_source"]
+__all__ = ["aggregation", "codecs", "data", "deploy", "distillation", "error_feedback", "experiment", "federated",
+           "history", "models", "parallel", "plots", "pruning", "quantization", "training", "make_rng",
+           "seed_everything", "show_source"]

@@ -89,3 +89,20 @@ def size_report(model: nn.Module) -> dict[str, int]:
 
 
 __all__ += ["TEACHER_HIDDEN", "STUDENT_HIDDEN", "teacher_student_pair", "size_report"]
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A fresh model from a short name, so runs in other processes can build it after seeding:
+    ``"cnn"`` (the book's :class:`SmallCNN`) or ``"mlp-200"``, ``"mlp-16"``, ``"mlp-128-64"`` (an
+    :class:`MLP` with those hidden widths). Chapter 4's teacher is ``"cnn"``, its student ``"mlp-16"``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str such as 'cnn' or 'mlp-16', got {type(name).__name__}")
+    if name == "cnn":
+        return SmallCNN(num_classes=num_classes)
+    head, _, widths = name.partition("-")
+    if head == "mlp" and widths and all(w.isdigit() and int(w) > 0 for w in widths.split("-")):
+        return MLP(num_classes=num_classes, hidden=tuple(int(w) for w in widths.split("-")))
+    raise ValueError(f"unknown model name {name!r}; use 'cnn' or 'mlp-<width>[-<width>...]', e.g. 'mlp-16'")
+
+
+__all__ += ["build_model"]

@@ -168,3 +168,80 @@ def test_consensus_is_the_sample_weighted_mean_of_client_logits(small_train, sma
     alone = run_logit_exchange(models, small_train, parts, small_train.x[public], small_test, cfg, share=False)
     z = [predict_logits(m, small_train.x[public]) for m in alone.models]
     assert torch.allclose(run.consensus, 0.25 * z[0] + 0.75 * z[1], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Chapter 4's task functions
+
+from helpers.distillation import chapter_task, federated_task, logit_exchange_task  # noqa: E402
+from helpers.models import build_model  # noqa: E402
+from helpers.parallel import run_parallel  # noqa: E402
+
+
+def test_build_model_by_name():
+    assert count_parameters(build_model("cnn")) == count_parameters(SmallCNN())
+    assert count_parameters(build_model("mlp-16")) == 12_730
+    assert [m.out_features for m in build_model("mlp-128-64").modules() if isinstance(m, torch.nn.Linear)] == [128, 64, 10]
+    for bad in ("mlp", "mlp-", "mlp-0", "mlp-x", "resnet"):
+        with pytest.raises(ValueError, match="unknown model name"):
+            build_model(bad)
+    with pytest.raises(TypeError):
+        build_model(16)
+
+
+def test_public_split_of_a_pool_stays_inside_it():
+    pool = torch.arange(1000, 3000)          # e.g. book.pool: everything outside a validation split
+    private, public = public_split(pool, 200, seed=0)
+    assert len(public) == 200 and len(private) == 1800
+    assert set(public.tolist()) | set(private.tolist()) == set(pool.tolist())
+    assert set(public.tolist()).isdisjoint(private.tolist()) and int(public.min()) >= 1000
+    assert torch.equal(public_split(pool, 200, seed=0)[1], public)      # fixed by the seed
+    with pytest.raises(ValueError):
+        public_split(pool, 2000, seed=0)
+
+
+def _small_setting(small_train):
+    pool, val_idx = torch.arange(5000), torch.arange(5000, 6000)
+    return pool, val_idx, FedConfig(rounds=1, batch_size=64, lr=0.02, momentum=0.9)
+
+
+def test_federated_task_seed_fixes_everything_and_kd_changes_the_run(small_train, small_test):
+    pool, val_idx, cfg = _small_setting(small_train)
+    kw = dict(arch="mlp-16", train=small_train, pool=pool, test=small_test, val_idx=val_idx, config=cfg)
+    a, b, c = federated_task(seed=1, **kw), federated_task(seed=1, **kw), federated_task(seed=2, **kw)
+    sa, sb, sc = (float_state_of(r["model"]) for r in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)                # same seed: bit-identical
+    assert not torch.equal(sa["net.1.weight"], sc["net.1.weight"])   # another seed: another run
+    assert a["val_acc"] == evaluate(a["model"], small_train.subset(val_idx))[1]
+    assert a["test_acc"] == a["history"].final_accuracy > 0.3      # chance is 0.1; one short round
+    teacher = torch.randn(len(small_train), 10, generator=torch.Generator().manual_seed(0))
+    d = federated_task(seed=1, teacher_logits=teacher, alpha=0.5, temperature=2.0, **kw)
+    assert not torch.equal(float_state_of(d["model"])["net.1.weight"], sa["net.1.weight"])
+    assert d["history"].bytes_up_per_client == a["history"].bytes_up_per_client   # KD changes the loss only
+
+
+def float_state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_logit_exchange_task_and_dispatch(small_train, small_test):
+    pool, _, cfg = _small_setting(small_train)
+    private, public = public_split(pool, 300, seed=0)
+    kw = dict(seed=0, archs=["mlp-16"] * 10, train=small_train, pool=private, public=public, test=small_test,
+              config=cfg, codec=Float16Codec())
+    run = logit_exchange_task(**kw)
+    assert run["bytes_up_per_client"] == len(Float16Codec().encode({"logits": torch.zeros(300, 10)}))
+    assert run["mean_acc"] == pytest.approx(sum(run["client_accuracies"]) / 10)
+    with pytest.raises(ValueError, match="architectures"):
+        logit_exchange_task(**{**kw, "archs": ["mlp-16"] * 3})
+    with pytest.raises(ValueError, match="job"):
+        chapter_task("nope")
+    # through run_parallel (in-process): arguments pickle, the result is the same run
+    [again] = run_parallel(chapter_task, [dict(job="logit_exchange", **kw)], workers=1, progress=False)
+    assert again["client_accuracies"] == run["client_accuracies"]
+
+
+def test_logit_exchange_task_refuses_a_public_set_inside_the_pool(small_train, small_test):
+    pool, _, cfg = _small_setting(small_train)
+    with pytest.raises(ValueError, match="overlaps"):
+        logit_exchange_task(seed=0, archs=["mlp-16"] * 10, train=small_train, pool=pool, public=pool[:100],
+                            test=small_test, config=cfg)
