@@ -13,10 +13,14 @@ decided by PyTorch's own rule, :class:`torch.nn.utils.prune.L1Unstructured` (the
 masks as if they were weights.
 
 Only the weights of ``nn.Linear`` and ``nn.Conv*`` layers are pruned; biases are few and stay dense.
+
+:func:`run_seed` is Chapter 3's task for :func:`helpers.parallel.run_parallel`: one seed of one
+federated run in the book's standard setting (seed = partition + initialisation + sampling).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -26,8 +30,11 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .aggregation import FedAvg
+from .codecs import Codec
 from .data import TensorDataset
-from .federated import Server
+from .federated import FederatedRun, FedConfig, Server, run_federated
+from .models import MLP, SmallCNN
+from .reproducibility import seed_everything
 from .training import evaluate
 
 __all__ = [
@@ -45,6 +52,8 @@ __all__ = [
     "cubic_sparsity",
     "FederatedPruner",
     "shrink_small_cnn",
+    "SeedRun",
+    "run_seed",
 ]
 
 Masks = dict[str, torch.Tensor]
@@ -269,8 +278,6 @@ def shrink_small_cnn(model: nn.Module, keep: float) -> nn.Module:
     fraction of conv channels and hidden units with the largest L1 norms, and return a *smaller
     dense* SmallCNN holding those slices (no fine-tuning). The layers are found by type, in order
     (two convolutions, then two linear layers), not by their position in the model."""
-    from .models import SmallCNN
-
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     convs, linears = _layers_in_order(model)
@@ -294,3 +301,128 @@ def shrink_small_cnn(model: nn.Module, keep: float) -> nn.Module:
     f1.weight.copy_(fc1.weight[kh][:, cols]); f1.bias.copy_(fc1.bias[kh])
     f2.weight.copy_(fc2.weight[:, kh]); f2.bias.copy_(fc2.bias)
     return small
+
+
+@dataclass
+class SeedRun:
+    """What :func:`run_seed` returns: the seed, the run (model, history, server: its strategy holds a
+    pruner's masks and log) and, if asked for, one captured upload payload."""
+
+    seed: int
+    run: FederatedRun
+    payload: bytes | None = None
+
+
+def run_seed(*, seed: int, model: str, train: TensorDataset, test: TensorDataset, config: FedConfig,
+             partition: str = "dirichlet", uplink: Codec | None = None, downlink: Codec | None = None,
+             error_feedback: bool = False, strategy: FedAvg | None = None,
+             capture: tuple[int, int] | None = None, label: str = "") -> SeedRun:
+    """One seed of a federated run in the book's setting, as a task for :func:`helpers.parallel.run_parallel`.
+
+    ``seed`` fixes everything random: the client partition (``book_partition(train.y, partition,
+    seed=seed)``: ``train`` must be the full training set), the initial weights (``seed_everything(seed)``
+    before building ``model``: ``"cnn"`` is :class:`~helpers.models.SmallCNN`, ``"mlp"`` is
+    ``MLP(hidden=(200,))``) and client sampling and shuffling (``config.seed`` is replaced by ``seed``).
+    Two methods run with the same ``seed`` are therefore a *paired* comparison. ``capture=(round, cid)``
+    keeps the upload payload of client ``cid`` in that round (after its codec and error feedback).
+    The other arguments are :func:`~helpers.federated.run_federated`'s.
+    """
+    from .experiment import book_partition   # experiment imports plots; keep it out of import time
+
+    if model not in ("cnn", "mlp"):
+        raise ValueError(f"model must be 'cnn' or 'mlp', got {model!r}")
+    if not isinstance(config, FedConfig):
+        raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
+    parts = book_partition(train.y, partition, seed=seed)
+    seed_everything(seed)
+    net = SmallCNN() if model == "cnn" else MLP(hidden=(200,))
+    captured: list[bytes] = []
+
+    def keep(round_idx: int, cid: int, payload: bytes) -> bytes:
+        if (round_idx, cid) == capture:
+            captured.append(payload)
+        return payload
+
+    run = run_federated(net, train, parts, test, dataclasses.replace(config, seed=seed), uplink=uplink,
+                        downlink=downlink, error_feedback=error_feedback, strategy=strategy,
+                        transmit=keep if capture is not None else None, label=label)
+    if capture is not None and not captured:
+        raise ValueError(f"capture={capture!r} names no upload of this run (rounds 1..{config.rounds}, "
+                         f"clients 0..{len(parts) - 1}, sampled that round)")
+    return SeedRun(seed=seed, run=run, payload=captured[0] if captured else None)
+
+
+# ---- structured (channel) pruning during FedAvg (Chapter 5) -----------------------------------------------
+
+@torch.no_grad()
+def channel_masks_small_cnn(model: nn.Module, keep: float) -> Masks:
+    r"""Structured masks for a :class:`~helpers.models.SmallCNN`: in each of its first conv, second conv
+    and hidden linear layer keep the :math:`n = \max(1, \mathrm{round}(\text{keep}\cdot C))` output units
+    (channels, hidden units) with the largest L1 norm :math:`\lVert W_{c,:}\rVert_1`, and mask the others'
+    whole weight rows **and** bias entries. A masked unit then outputs :math:`\mathrm{ReLU}(0) = 0`, so
+    removing it (:func:`shrink_small_cnn`, which keeps the same :math:`n` largest rows) does not change
+    the model's function. The output layer is never pruned. Masks are keyed by state-dict name."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    convs, linears = _layers_in_order(model)
+    if len(convs) != 2 or len(linears) != 2:
+        raise ValueError(f"channel_masks_small_cnn expects a SmallCNN (2 conv + 2 linear layers), got "
+                         f"{len(convs)} conv and {len(linears)} linear layers")
+    names = {id(m): n for n, m in model.named_modules()}
+    masks: Masks = {}
+    for layer in (convs[0], convs[1], linears[0]):
+        c = layer.weight.shape[0]
+        kept = layer.weight.abs().reshape(c, -1).sum(1).topk(max(1, int(round(keep * c)))).indices
+        rows = torch.zeros(c, dtype=torch.bool)
+        rows[kept] = True
+        name = names[id(layer)]
+        masks[f"{name}.weight"] = rows.reshape(-1, *[1] * (layer.weight.dim() - 1)).expand_as(layer.weight).clone()
+        if layer.bias is not None:
+            masks[f"{name}.bias"] = rows
+    return masks
+
+
+class FederatedChannelPruner(FedAvg):
+    r"""FedAvg with server-side gradual **structured** pruning of a SmallCNN (a strategy for
+    :func:`helpers.federated.run_federated`). The fraction of units kept follows Zhu & Gupta's cubic
+    schedule applied to the pruned fraction, :math:`\text{keep}_t = 1 - s_t` with
+    :math:`s_t` = :func:`cubic_sparsity` (:math:`t`, :math:`1 - \text{final\_keep}`, ``begin``, ``end``).
+
+    * :meth:`before_round`: mask the global model's weakest channels and hidden units
+      (:func:`channel_masks_small_cnn`); masked units have zero weights, so they rank lowest and stay
+      masked as the schedule tightens;
+    * :meth:`after_local_step`: a client re-applies the masks after every SGD step, so the masked rows
+      of its update are exactly zero (a sparse uplink codec then does not send them).
+
+    After the last round, :func:`shrink_small_cnn` (``keep = final_keep``) cuts the masked units out and
+    returns a smaller dense SmallCNN with the same predictions: fewer multiply-adds, not just zeros.
+    """
+
+    def __init__(self, final_keep: float, begin: int, end: int, **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        if isinstance(final_keep, bool) or not isinstance(final_keep, (int, float)) or not 0 < final_keep <= 1:
+            raise ValueError(f"final_keep must be in (0, 1], got {final_keep!r}")
+        cubic_sparsity(begin, 1.0 - final_keep, begin, end)     # checks begin <= end
+        self.final_keep, self.begin, self.end = float(final_keep), begin, end
+        self.masks: Masks = {}
+        self.log: list[dict] = []   # round, keep fraction
+
+    def target_keep(self, round_idx: int) -> float:
+        """The fraction of units kept in round ``round_idx``."""
+        return 1.0 - cubic_sparsity(round_idx, 1.0 - self.final_keep, self.begin, self.end)
+
+    def before_round(self, round_idx: int, server: Server) -> None:
+        """Mask the global model to this round's keep fraction."""
+        keep = self.target_keep(round_idx)
+        if keep < 1:
+            self.masks = channel_masks_small_cnn(server.model, keep)
+            apply_masks(server.model, self.masks)
+        self.log.append({"round": round_idx, "keep": keep})
+
+    def after_local_step(self, model: nn.Module) -> None:
+        """Re-apply the current masks after a client SGD step."""
+        if self.masks:
+            apply_masks(model, self.masks)
+
+
+__all__ += ["channel_masks_small_cnn", "FederatedChannelPruner"]

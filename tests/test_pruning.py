@@ -166,3 +166,34 @@ def test_shrink_small_cnn_matches_the_sliced_network(cnn, small_test):
     assert count_parameters(half) < count_parameters(cnn) / 3
     with pytest.raises(ValueError):
         pruning.shrink_small_cnn(cnn, 0.0)
+
+
+def test_run_seed_pairs_runs_by_seed_and_returns_the_pruner(fmnist_train, small_test):
+    """A seed fixes partition + initialisation + sampling: the same seed twice gives the same run, another
+    seed a different one; the strategy (with its masks and log) and a captured upload come back."""
+    cfg = FedConfig(rounds=2, local_steps=3, batch_size=16, lr=0.02, momentum=0.9, seed=99)
+    kw = dict(model="mlp", train=fmnist_train, test=small_test, config=cfg)
+    a = pruning.run_seed(seed=1, capture=(2, 0), uplink=SparseCodec(), downlink=SparseCodec(),
+                         strategy=pruning.FederatedPruner(0.5, begin=1, end=2), **kw)
+    b = pruning.run_seed(seed=1, capture=(2, 0), uplink=SparseCodec(), downlink=SparseCodec(),
+                         strategy=pruning.FederatedPruner(0.5, begin=1, end=2), **kw)
+    c = pruning.run_seed(seed=2, **kw)
+    sa, sb, sc = a.run.model.state_dict(), b.run.model.state_dict(), c.run.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and a.payload == b.payload
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa) and c.payload is None
+    assert a.run.history.column("bytes_up") == b.run.history.column("bytes_up")
+    pruner = a.run.server.strategy
+    assert [r["target"] for r in pruner.log] == pytest.approx([0.0, 0.5])
+    assert pruning.sparsity(a.run.model) == pytest.approx(0.5, abs=1e-3)
+    # the captured payload is client 0's real round-2 upload: it decodes to an update that is zero on the mask
+    update = SparseCodec().decode(a.payload)
+    assert all(torch.all(update[k][~m] == 0) for k, m in pruner.masks.items())
+    assert len(a.payload) < len(SparseCodec().encode(float_state(MLP())))
+    # the clients are the book's: drawn from the pool, never the validation images
+    from helpers.experiment import book_partition, validation_split
+    val = set(validation_split(len(fmnist_train))[1].tolist())
+    assert not val & set(torch.cat(book_partition(fmnist_train.y, seed=1)).tolist())
+    with pytest.raises(ValueError, match="model"):
+        pruning.run_seed(seed=0, model="resnet", train=fmnist_train, test=small_test, config=cfg)
+    with pytest.raises(ValueError, match="capture"):
+        pruning.run_seed(seed=0, capture=(5, 0), **kw)

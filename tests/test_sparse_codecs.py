@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.codecs import Float32Codec, PayloadError
-from helpers.training import float_state
+from helpers.codecs import (Float32Codec, PayloadError, QuantizedCodec, SparseCodec, TopKCodec, binary_entropy,
+                            decode_positions, encode_positions, position_entropy_bits, varint_decode, varint_encode)
 from helpers.models import MLP
-from helpers.codecs import (SparseCodec, TopKCodec, binary_entropy, decode_positions, encode_positions,
-                                   position_entropy_bits, varint_decode, varint_encode)
+from helpers.training import float_state
 
 
 def _sparse(n, density, seed=0):
@@ -168,14 +167,27 @@ def test_truncations_are_rejected():
             TopKCodec(0.1).decode(payload[:-cut])
 
 
+@pytest.mark.parametrize("layout", ["bitmask", "indices", "delta"])
+def test_the_sparse_decoder_itself_rejects_short_bodies(layout):
+    """Below the framing (which a checksum would already protect): every cut of a sparse body fails."""
+    codec = SparseCodec(layout=layout)
+    t = _sparse(1000, 0.1)
+    body = codec.encode_tensor(t)
+    assert torch.equal(codec.decode_tensor(body, (1000,), torch.float32), t)
+    for cut in range(1, len(body)):
+        with pytest.raises(PayloadError):
+            codec.decode_tensor(body[:-cut], (1000,), torch.float32)
+
+
 def test_values_can_use_chapter_2_quantizer():
-    codecs = pytest.importorskip("helpers.codecs")
-    if not hasattr(codecs, "QuantizedCodec"):
-        pytest.skip("Chapter 2's QuantizedCodec is not available")
     t = {"w": _sparse(5000, 0.2).reshape(50, 100)}
-    q = SparseCodec(values=codecs.QuantizedCodec(8, per_channel=False))
-    out = q.decode(q.encode(t))["w"]
+    q = SparseCodec(values=QuantizedCodec(8, per_channel=False))
+    payload = q.encode(t)
+    out = q.decode(payload)["w"]
     kept = t["w"] != 0
-    assert torch.all(out[~kept] == 0)
-    assert (out - t["w"]).abs().max() <= t["w"].abs().max() / 127 * 0.51
-    assert len(q.encode(t)) < len(SparseCodec(values="float16").encode(t)) < len(SparseCodec().encode(t))
+    assert torch.all(out[~kept] == 0)                   # nothing appears where nothing was sent
+    err = (out - t["w"]).abs()
+    assert 0 < err.max() <= t["w"].abs().max() / 127 * 0.51             # really quantized, within half a step
+    # 8-bit values: positions + 1 byte per kept value, below float16 (2 bytes) and float32 (4 bytes)
+    assert len(payload) < len(SparseCodec(values="float16").encode(t)) < len(SparseCodec().encode(t))
+    assert len(payload) < len(SparseCodec().encode(t)) - 2.5 * int(kept.sum())

@@ -12,8 +12,11 @@ indices        k·w, w = 1, 2 or 4 bytes (fits n-1)    small tensors
 delta          Σ varint(gap) (LEB128, 1 byte < 128)   very sparse: gaps small enough for 1 byte
 =============  ====================================  =========================================
 
-No layout beats the information-theoretic bound for a *random* position set,
-:math:`\log_2\binom{n}{k} \approx n\,H_b(d)` bits, :math:`H_b(d) = -d\log_2 d - (1-d)\log_2(1-d)`.
+A yardstick for the position cost is :math:`\log_2\binom{n}{k} \approx n\,H_b(d)` bits,
+:math:`H_b(d) = -d\log_2 d - (1-d)\log_2(1-d)`: the fewest bits, on average, that any code can spend
+when the k positions are drawn *uniformly at random*. It is not a limit for real position sets:
+positions with structure (whole pruned rows, the same coordinates round after round) can be coded
+in fewer bits by a code that models that structure.
 
 Body layout (little-endian)::
 
@@ -159,7 +162,9 @@ def binary_entropy(d: float) -> float:
 
 
 def position_entropy_bits(k: int, n: int) -> float:
-    r""":math:`\log_2 \binom{n}{k}`: the fewest bits that can name one k-subset of n positions."""
+    r""":math:`\log_2 \binom{n}{k}` bits: what naming k of n positions costs when every k-subset is equally
+    likely (positions drawn uniformly at random), the least any code can spend on average then. Position
+    sets with structure can cost less; this is a yardstick, not a limit for them."""
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
