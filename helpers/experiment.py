@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import plots
@@ -23,7 +25,7 @@ from .reproducibility import seed_everything
 
 __all__ = ["BOOK_SEED", "NUM_CLIENTS", "DIRICHLET_ALPHA", "SHARDS_PER_CLIENT", "VAL_SIZE", "THREADS", "CNN_LR",
            "MLP_LR", "SEEDS", "BookData", "book_data", "validation_split", "book_partition", "book_config",
-           "chapter_setup"]
+           "chapter_setup", "PairedComparison", "paired_comparison"]
 
 BOOK_SEED = 0
 SEEDS = (0, 1, 2)          # the seeds behind every comparison (seed = partition + initialisation + sampling)
@@ -101,3 +103,36 @@ def chapter_setup(seed: int = BOOK_SEED, threads: int = THREADS) -> BookData:
     train, test = book_data()
     pool, val_idx = validation_split(len(train))
     return BookData(train=train, test=test, pool=pool, val_idx=val_idx, val=train.subset(val_idx))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Method a against method b on the same seeds (see :func:`paired_comparison`); accuracies as fractions."""
+
+    diffs: tuple[float, ...]   # a - b, seed by seed
+    mean: float                # mean paired difference
+    min: float
+    max: float
+    spread: float              # the larger min..max range of the two methods' own accuracies
+    conclusive: bool           # the book's rule: same sign on every seed and |mean| > spread
+
+    @property
+    def verdict(self) -> str:
+        if not self.conclusive:
+            return "indistinguishable at this budget"
+        return "a better" if self.mean > 0 else "b better"
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float]) -> PairedComparison:
+    r"""The book's one rule for comparisons. ``a[i]`` and ``b[i]`` are the two methods' accuracies on seed i
+    (same partition, initialisation and sampling). With paired differences :math:`d_i = a_i - b_i`, a
+    conclusion is drawn only when every :math:`d_i` has the same sign and
+    :math:`|\bar d| > \max(\mathrm{range}(a), \mathrm{range}(b))`, the spread of the accuracies themselves."""
+    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a_arr.ndim != 1 or a_arr.shape != b_arr.shape or len(a_arr) < 2:
+        raise ValueError(f"a and b must be equally long sequences of ≥ 2 paired results, got {len(a)} and {len(b)}")
+    d = a_arr - b_arr
+    spread = max(float(np.ptp(a_arr)), float(np.ptp(b_arr)))
+    same_sign = bool(np.all(d > 0) or np.all(d < 0))
+    return PairedComparison(diffs=tuple(float(x) for x in d), mean=float(d.mean()), min=float(d.min()),
+                            max=float(d.max()), spread=spread, conclusive=same_sign and abs(float(d.mean())) > spread)

@@ -65,3 +65,19 @@ def test_chapter_setup_seeds_threads_and_data():
         assert len(book.test) == 10_000
     finally:
         torch.set_num_threads(threads)
+
+
+def test_paired_comparison_follows_the_book_rule():
+    from helpers.experiment import paired_comparison
+
+    c = paired_comparison([0.80, 0.82, 0.81], [0.70, 0.71, 0.72])          # +10 pp on every seed, spread 2 pp
+    assert c.conclusive and c.verdict == "a better"
+    assert c.mean == pytest.approx(0.1) and c.min == pytest.approx(0.09) and c.max == pytest.approx(0.11)
+    assert c.spread == pytest.approx(0.02)
+    c = paired_comparison([0.80, 0.84, 0.81], [0.79, 0.83, 0.80])          # +1 pp every seed, but spread 4 pp
+    assert not c.conclusive and c.verdict == "indistinguishable at this budget"
+    c = paired_comparison([0.80, 0.70], [0.75, 0.75])                      # signs differ
+    assert not c.conclusive
+    assert paired_comparison([0.5, 0.5], [0.6, 0.6]).verdict == "b better"
+    with pytest.raises(ValueError):
+        paired_comparison([0.5], [0.6])
