@@ -14,6 +14,11 @@ For :math:`b = 1` the codes are :math:`\{-1, +1\}` (a scaled sign).
 The learned-step part follows Esser et al. (2020), *Learned Step Size Quantization*: the step
 :math:`\Delta` is an ``nn.Parameter``; rounding passes gradients straight through (STE) and the
 step's gradient is scaled by :math:`g = 1/\sqrt{N\,Q}`.
+
+Three rules for a fixed step (:data:`STEP_RULES`): max-abs (nothing clipped), MSE-optimal
+(:func:`mse_scale`: the :math:`\Delta` minimising :math:`\lVert w - Q_\Delta(w)\rVert^2`, clipping
+allowed) and LSQ's initial step (:func:`lsq_init_scale`). The end of the module holds Chapter 2's
+experiments as importable tasks for :func:`helpers.parallel.run_parallel`.
 """
 
 from __future__ import annotations
@@ -27,17 +32,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aggregation import FedAvg
+
 __all__ = [
     "VALID_BITS",
     "check_bits",
     "qmax",
     "max_abs_scale",
+    "mse_scale",
+    "lsq_init_scale",
+    "STEP_RULES",
+    "code_dtype",
     "QuantizedTensor",
     "quantize",
     "dequantize",
     "fake_quantize",
     "pack_codes",
     "unpack_codes",
+    "lsq_codes",
     "round_ste",
     "grad_scale",
     "LSQQuantizer",
@@ -50,6 +62,10 @@ __all__ = [
     "export_integer",
     "integer_model",
     "ptq_model",
+    "lsq_steps",
+    "QATFedAvg",
+    "fedavg_task",
+    "qat_task",
 ]
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
@@ -91,6 +107,54 @@ def max_abs_scale(w: torch.Tensor, bits: int, per_channel: bool = False) -> torc
     return v.abs().amax(dim=1) / qmax(bits)
 
 
+def mse_scale(w: torch.Tensor, bits: int, per_channel: bool = False, num: int = 100) -> torch.Tensor:
+    r"""The step minimising the squared error :math:`\lVert w - Q_\Delta(w)\rVert^2` (round to nearest,
+    values beyond :math:`Q\Delta` clipped), per tensor (shape ``(1,)``) or per output channel (``(C,)``).
+
+    The error is piecewise quadratic in :math:`\Delta` with many local minima, so this is a grid search
+    over :math:`\Delta = \tfrac{i}{\text{num}}\,\max|w|/Q`, :math:`i = 1..\text{num}`, not a golden-section
+    search. The grid contains max-abs (:math:`i = \text{num}`), so the result is never worse than max-abs.
+    For ``bits=1`` the exact optimum :math:`\mathrm{mean}|w|` (a scaled sign) is returned.
+    """
+    bits = check_bits(bits)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be an int ≥ 1 (grid points), got {num!r}")
+    top = max_abs_scale(w, bits, per_channel)  # also checks the input
+    v = _channel_view(w.detach().to(torch.float32), per_channel)
+    if v.shape[1] == 0:
+        return top
+    if bits == 1:
+        return v.abs().mean(dim=1)
+    Q = qmax(bits)
+    best, best_err = top.clone(), torch.full_like(top, math.inf)
+    for i in range(num, 0, -1):   # from max-abs down: ties keep the larger (less clipping) step
+        s = top * (i / num)
+        safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
+        err = (torch.round((v / safe).clamp(-Q, Q)) * safe - v).pow(2).sum(dim=1)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def lsq_init_scale(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+    r"""LSQ's initial step :math:`2\,\mathrm{mean}|w| / \sqrt{Q}` (Esser et al. 2020), per tensor or channel."""
+    bits = check_bits(bits)
+    max_abs_scale(w, bits, per_channel)  # input checks
+    v = _channel_view(w.detach().to(torch.float32), per_channel)
+    if v.shape[1] == 0:
+        return torch.zeros(v.shape[0])
+    return 2 * v.abs().mean(dim=1) / math.sqrt(qmax(bits))
+
+
+STEP_RULES = {"maxabs": max_abs_scale, "mse": mse_scale, "lsq": lsq_init_scale}
+"""Fixed-step rules by name: ``step_rule(w, bits, per_channel) -> Δ``."""
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """The narrowest integer dtype that holds ``bits``-bit codes: ``int8`` up to 8 bits, ``int16`` for 16."""
+    return torch.int8 if check_bits(bits) <= 8 else torch.int16
+
+
 @dataclass
 class QuantizedTensor:
     """Integer codes (int32, same shape as the input), their step(s) and bit width."""
@@ -121,9 +185,12 @@ def quantize(w: torch.Tensor, bits: int, *, per_channel: bool = False, stochasti
         raise ValueError("stochastic rounding needs an explicit torch.Generator (the book uses no hidden randomness)")
     if scale is not None:
         s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise ValueError(f"scale must be finite and non-negative, got {scale!r}")
     elif bits == 1 and not stochastic:  # scaled sign: mean|w| minimises the squared error of Δ·sign(w)
-        s = _channel_view(w.detach().float(), per_channel).abs().mean(dim=1)
         max_abs_scale(w, bits, per_channel)  # same input checks
+        v = _channel_view(w.detach().float(), per_channel)
+        s = v.abs().mean(dim=1) if v.shape[1] else torch.zeros(v.shape[0])   # an empty tensor has step 0
     else:
         s = max_abs_scale(w, bits, per_channel)
     Q = qmax(bits)
@@ -152,8 +219,11 @@ def quantize(w: torch.Tensor, bits: int, *, per_channel: bool = False, stochasti
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
-    r""":math:`\hat w = q\,\Delta` as float32."""
-    return qt.codes.to(torch.float32) * _scale_like(qt.scale, qt.codes.shape)
+    r""":math:`\hat w = q\,\Delta` as float32 (computed in float64 and kept within float32's range, so the
+    largest finite input never comes back as infinity)."""
+    w = qt.codes.to(torch.float64) * _scale_like(qt.scale.to(torch.float64), qt.codes.shape)
+    big = torch.finfo(torch.float32).max
+    return w.clamp_(-big, big).to(torch.float32)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, **kwargs) -> torch.Tensor:
@@ -187,18 +257,38 @@ def unpack_codes(body: bytes, n: int, bits: int) -> torch.Tensor:
     need = -(-n * bits // 8)
     if len(body) != need:
         raise ValueError(f"{n} codes of {bits} bits need {need} bytes, got {len(body)}")
-    flat = np.unpackbits(np.frombuffer(body, dtype=np.uint8), bitorder="little", count=n * bits)
-    u = flat.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+    # O(n) memory with a small constant: never an (n, bits) int64 matrix
+    raw = np.frombuffer(body, dtype=np.uint8)
+    if 8 % bits == 0:   # 1, 2, 4, 8 bits: codes never straddle a byte; shift them out of each byte
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        u = ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:n].astype(np.int32)
+    else:               # 3, 5, 6, 7, 16 bits: one uint8 per bit, accumulated into int32 codes
+        flat = np.unpackbits(raw, bitorder="little", count=n * bits).reshape(n, bits)
+        u = np.zeros(n, dtype=np.int32)
+        for b in range(bits):
+            u |= flat[:, b].astype(np.int32) << b
     if bits == 1:
-        q = 2 * u - 1
+        u *= 2
+        u -= 1
     else:
         if u.size and u.max() > 2 * Q:
             raise ValueError(f"code {int(u.max())} is outside the {bits}-bit range [0, {2 * Q}]")
-        q = u - Q
-    return torch.from_numpy(q.astype(np.int32))
+        u -= Q
+    return torch.from_numpy(u)
 
 
 # ---- learned step size quantization (LSQ) -----------------------------------------------------
+
+def lsq_codes(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    r"""The int32 codes :math:`q = \mathrm{round}(\mathrm{clip}(w/\Delta, -Q, Q))` of ``w`` under a
+    positive step ``step`` (shape ``()``/``(1,)`` per tensor or ``(C,)`` per output channel)."""
+    bits = check_bits(bits)
+    step = step.detach().to(torch.float32).reshape(-1)
+    if not bool(torch.isfinite(step).all()) or bool((step <= 0).any()):
+        raise ValueError("step must be finite and positive")
+    Q = qmax(bits)
+    return torch.round(torch.clamp(w.detach().to(torch.float32) / _scale_like(step, w.shape), -Q, Q)).to(torch.int32)
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """``round(x)`` in the forward pass, identity in the backward pass (straight-through estimator)."""
@@ -243,20 +333,22 @@ class LSQQuantizer(nn.Module):
                \begin{cases} -w/\Delta + \mathrm{round}(w/\Delta) & |w/\Delta| < Q \\ \pm Q & \text{else}\end{cases}
 
     and the step's gradient is multiplied by :math:`g = 1/\sqrt{N Q}` (:math:`N` values per step).
-    Initial step: :math:`2\,\mathrm{mean}|w| / \sqrt{Q}` as in the paper.
+    Initial step: :math:`2\,\mathrm{mean}|w| / \sqrt{Q}` as in the paper (:func:`lsq_init_scale`).
+    ``learn_step=False`` freezes :math:`\Delta` at that value (the weights still train through the
+    quantizer): the ablation that separates "training through the grid" from "learning the grid".
     """
 
-    def __init__(self, bits: int, init_from: torch.Tensor, per_channel: bool = False) -> None:
+    def __init__(self, bits: int, init_from: torch.Tensor, per_channel: bool = False, learn_step: bool = True) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         if self.bits == 1:
             raise ValueError("LSQ needs bits ≥ 2 (a 1-bit symmetric grid has no zero and no learnable clip)")
         self.Q = qmax(self.bits)
         self.per_channel = per_channel and init_from.dim() >= 2
-        v = _channel_view(init_from.detach().float(), self.per_channel)
-        init = 2 * v.abs().mean(dim=1) / math.sqrt(self.Q)
-        self.step = nn.Parameter(init.clamp_min(1e-8))
-        self.values_per_step = v.shape[1]
+        self.learn_step = bool(learn_step)
+        init = lsq_init_scale(init_from, self.bits, self.per_channel)
+        self.step = nn.Parameter(init.clamp_min(1e-8), requires_grad=self.learn_step)
+        self.values_per_step = _channel_view(init_from, self.per_channel).shape[1]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         g = 1.0 / math.sqrt(self.values_per_step * self.Q)
@@ -272,20 +364,19 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The integer codes the fake-quantized weight stands for (int32)."""
-        s = _scale_like(self.step.detach(), w.shape)
-        return torch.round(torch.clamp(w / s, -self.Q, self.Q)).to(torch.int32)
+        return lsq_codes(w, self.step, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel={self.per_channel}"
+        return f"bits={self.bits}, per_channel={self.per_channel}, learn_step={self.learn_step}"
 
 
 class LSQLinear(nn.Linear):
     """``nn.Linear`` whose weight passes through an :class:`LSQQuantizer` (bias stays float32)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, per_channel: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, per_channel: bool = False, learn_step: bool = True) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
         self.load_state_dict(linear.state_dict())
-        self.wq = LSQQuantizer(bits, self.weight, per_channel)
+        self.wq = LSQQuantizer(bits, self.weight, per_channel, learn_step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.wq(self.weight), self.bias)
@@ -294,28 +385,29 @@ class LSQLinear(nn.Linear):
 class LSQConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose weight passes through an :class:`LSQQuantizer` (bias stays float32)."""
 
-    def __init__(self, conv: nn.Conv2d, bits: int, per_channel: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d, bits: int, per_channel: bool = False, learn_step: bool = True) -> None:
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
         self.load_state_dict(conv.state_dict())
-        self.wq = LSQQuantizer(bits, self.weight, per_channel)
+        self.wq = LSQQuantizer(bits, self.weight, per_channel, learn_step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.wq(self.weight), self.bias)
 
 
-def swap_to_lsq(model: nn.Module, bits: int, per_channel: bool = False) -> nn.Module:
+def swap_to_lsq(model: nn.Module, bits: int, per_channel: bool = False, learn_step: bool = True) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` / ``nn.Conv2d`` replaced by its LSQ version
-    (same weights; steps initialised from them). The original model is not modified."""
+    (same weights; steps initialised from them, learned unless ``learn_step=False``).
+    The original model is not modified."""
     check_bits(bits)
     model = copy.deepcopy(model)
 
     def swap(parent: nn.Module) -> None:
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                setattr(parent, name, LSQLinear(child, bits, per_channel))
+                setattr(parent, name, LSQLinear(child, bits, per_channel, learn_step))
             elif type(child) is nn.Conv2d:
-                setattr(parent, name, LSQConv2d(child, bits, per_channel))
+                setattr(parent, name, LSQConv2d(child, bits, per_channel, learn_step))
             else:
                 swap(child)
 
@@ -330,28 +422,36 @@ def lsq_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 # ---- integer export ---------------------------------------------------------------------------
 
+def _integer_codes(codes: torch.Tensor) -> torch.Tensor:
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor (int8 up to 8 bits, int16 for 16), got {codes.dtype}")
+    return codes
+
+
 class IntegerLinear(nn.Module):
-    r"""A linear layer that stores integer codes: :math:`y = (x\,q^\top)\,\Delta + b`."""
+    r"""A linear layer that stores integer codes: :math:`y = (x\,q^\top)\,\Delta + b`.
+
+    The codes keep their integer dtype (:func:`code_dtype`: ``int8`` up to 8 bits, ``int16`` at 16)."""
 
     def __init__(self, codes: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("codes", _integer_codes(codes).clone())
         self.register_buffer("step", step.detach().float().reshape(-1))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the codes are small integers, exactly representable in float32; the step is applied once per output
+        # codes up to 2^15 are exact in float32; the step is applied once per output
         y = F.linear(x, self.codes.to(x.dtype)) * self.step
         return y if self.bias is None else y + self.bias
 
 
 class IntegerConv2d(nn.Module):
-    """A conv layer that stores integer codes; the step multiplies each output channel."""
+    """A conv layer that stores integer codes (``int8``/``int16``); the step multiplies each output channel."""
 
     def __init__(self, conv: nn.Conv2d, codes: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("codes", _integer_codes(codes).clone())
         self.register_buffer("step", step.detach().float().reshape(-1))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
@@ -362,12 +462,13 @@ class IntegerConv2d(nn.Module):
 
 
 def export_integer(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a device stores for an LSQ model: per LSQ layer ``<name>.codes`` (int8), ``<name>.step``
-    (float32) and ``<name>.bias``; every other float parameter/buffer as float32."""
+    """What a device stores for an LSQ model: per LSQ layer ``<name>.codes`` (:func:`code_dtype` of its bit
+    width: int8 up to 8 bits, int16 at 16), ``<name>.step`` (float32) and ``<name>.bias``; every other
+    float parameter/buffer as float32. ``PackedIntCodec(bits)`` then stores the codes at ``bits`` bits each."""
     layers = lsq_layers(model)
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        out[f"{name}.codes"] = layer.wq.codes(layer.weight).to(torch.int8)
+        out[f"{name}.codes"] = layer.wq.codes(layer.weight).to(code_dtype(layer.wq.bits))
         out[f"{name}.step"] = layer.wq.step.detach().clone()
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.detach().clone()
@@ -399,12 +500,142 @@ def integer_model(template: nn.Module, exported: dict[str, torch.Tensor]) -> nn.
 
 
 @torch.no_grad()
-def ptq_model(model: nn.Module, bits: int, per_channel: bool = True) -> nn.Module:
+def ptq_model(model: nn.Module, bits: int, per_channel: bool = True, step: str = "maxabs") -> nn.Module:
     """Post-training quantization: a copy of ``model`` whose Linear/Conv2d weights are replaced by
-    ``fake_quantize(w, bits)`` with max-abs steps (the same quantizer the codecs use); biases stay float."""
+    ``fake_quantize(w, bits, scale=Δ)`` with Δ from the rule ``step`` (:data:`STEP_RULES`: ``"maxabs"``,
+    the codecs' rule; ``"mse"``, :func:`mse_scale`; ``"lsq"``, LSQ's initial step); biases stay float."""
     check_bits(bits)
+    if step not in STEP_RULES:
+        raise ValueError(f"step must be one of {sorted(STEP_RULES)}, got {step!r}")
     model = copy.deepcopy(model)
     for m in model.modules():
         if type(m) in (nn.Linear, nn.Conv2d):
-            m.weight.copy_(fake_quantize(m.weight, bits, per_channel=per_channel))
+            pc = per_channel and m.weight.dim() >= 2
+            m.weight.copy_(fake_quantize(m.weight, bits, scale=STEP_RULES[step](m.weight, bits, pc)))
     return model
+
+
+# ---- federated QAT ----------------------------------------------------------------------------
+
+def lsq_steps(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{step name: Δ}`` for every LSQ step (``*.wq.step``) in a state dict, cloned."""
+    return {k: v.detach().clone() for k, v in state.items() if k.endswith("wq.step")}
+
+
+class QATFedAvg(FedAvg):
+    r"""FedAvg for federated QAT. Before each round it (1) hands the broadcast global state to an uplink
+    that needs it (:class:`helpers.codecs.quantized.QATUploadCodec` encodes a client's quantized
+    *weights*, so it needs the state the update is relative to) and (2) records every LSQ step,
+    so ``steps[t]`` holds the global steps at the start of round ``t + 1`` (call :meth:`finish` with the
+    final model to append the last ones).
+
+    After every local SGD step it keeps each learned step :math:`\ge` ``min_step``: with the weights'
+    learning rate and momentum, a 2-bit layer's step can be pushed through zero, where the grid collapses
+    (and a payload with a non-positive step is rejected). ``floor_hits`` counts the channel-steps clamped."""
+
+    def __init__(self, min_step: float = 1e-6, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not (isinstance(min_step, (int, float)) and math.isfinite(min_step) and min_step > 0):
+            raise ValueError(f"min_step must be a finite positive number, got {min_step!r}")
+        self.min_step = float(min_step)
+        self.floor_hits = 0
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def after_local_step(self, model: nn.Module) -> None:
+        for layer in lsq_layers(model).values():
+            step = layer.wq.step
+            if step.requires_grad:
+                low = step.data < self.min_step
+                if bool(low.any()):
+                    self.floor_hits += int(low.sum())
+                    step.data.clamp_(min=self.min_step)
+
+    def before_round(self, round_idx: int, server) -> None:
+        state = server.state
+        if hasattr(server.uplink, "set_base"):
+            server.uplink.set_base(state)
+        self.steps.append(lsq_steps(state))
+
+    def finish(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+        """Append the final model's steps and return the trajectory (rounds 0..R)."""
+        self.steps.append(lsq_steps(dict(model.state_dict())))
+        return self.steps
+
+
+# ---- Chapter 2's experiments as tasks for helpers.parallel.run_parallel ------------------------
+
+class _KeepState(FedAvg):
+    """FedAvg that keeps a copy of the global float state after round ``keep_after``."""
+
+    def __init__(self, keep_after: int | None) -> None:
+        super().__init__()
+        self.keep_after, self.kept = keep_after, None
+
+    def before_round(self, round_idx: int, server) -> None:
+        if self.keep_after is not None and round_idx == self.keep_after + 1:
+            self.kept = server.state
+
+
+def _book_run_inputs(seed: int):
+    """(train, test, val, partition) of the book's setting for ``seed`` (the partition depends on it)."""
+    from .experiment import book_data, book_partition, validation_split
+
+    train, test = book_data()
+    _, val_idx = validation_split(len(train))
+    return train, test, train.subset(val_idx), book_partition(train.y, "dirichlet", seed=seed)
+
+
+def fedavg_task(*, seed: int, lr: float, rounds: int = 3, fraction: float = 1.0, bits: int | None = None,
+                stochastic: bool = False, error_feedback: bool = False, keep_after: int | None = None,
+                hidden: tuple[int, ...] = (200,)) -> dict:
+    """One FedAvg run of the MLP in the book's setting for ``seed`` (partition, initialisation, sampling and
+    the codec's draws), scored on the validation split *and* the test set after the last round.
+
+    ``bits=None`` uploads float32, else ``QuantizedCodec(bits, stochastic=stochastic, seed=seed)``.
+    Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``state`` (the final
+    global float state) and ``kept`` (the global state after round ``keep_after``, or None)."""
+    from .codecs import QuantizedCodec
+    from .experiment import book_config
+    from .federated import run_federated
+    from .models import MLP
+    from .reproducibility import seed_everything
+    from .training import evaluate, float_state
+
+    train, test, val, parts = _book_run_inputs(seed)
+    seed_everything(seed)
+    model = MLP(hidden=tuple(hidden))
+    cfg = book_config(seed=seed, lr=lr, rounds=rounds, fraction=fraction, eval_every=rounds)
+    uplink = None if bits is None else QuantizedCodec(bits, stochastic=stochastic, seed=seed)
+    keep = _KeepState(keep_after)
+    run = run_federated(model, train, parts, val, cfg, uplink=uplink, error_feedback=error_feedback, strategy=keep)
+    return {"val_acc": run.history.final_accuracy, "test_acc": evaluate(run.model, test)[1],
+            "bytes_up": run.history.bytes_up_per_client, "state": float_state(run.model), "kept": keep.kept}
+
+
+def qat_task(*, seed: int, lr: float, start: dict[str, torch.Tensor], bits: int, learn_step: bool = True,
+             rounds: int = 2, packed_upload: bool = True, hidden: tuple[int, ...] = (200,)) -> dict:
+    """Federated QAT of the MLP for ``rounds`` rounds from the float state ``start``, per-channel LSQ steps
+    (learned, or frozen at LSQ's initial value with ``learn_step=False``); clients upload their quantized
+    weights with ``QATUploadCodec(bits)`` (or float32 updates with ``packed_upload=False``).
+
+    Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``state`` (the final LSQ
+    model's state dict), ``steps`` (the global steps at rounds 0..R), ``rejected`` uploads and
+    ``floor_hits`` (channel-steps :class:`QATFedAvg` kept at its minimum step)."""
+    from .codecs.quantized import QATUploadCodec
+    from .experiment import book_config
+    from .federated import run_federated
+    from .models import MLP
+    from .training import evaluate
+
+    train, test, val, parts = _book_run_inputs(seed)
+    net = MLP(hidden=tuple(hidden))
+    net.load_state_dict(start)
+    lsq = swap_to_lsq(net, bits, per_channel=True, learn_step=learn_step)
+    strategy = QATFedAvg()
+    cfg = book_config(seed=seed, lr=lr, rounds=rounds, eval_every=rounds)
+    run = run_federated(lsq, train, parts, val, cfg, uplink=QATUploadCodec(bits) if packed_upload else None,
+                        strategy=strategy)
+    return {"val_acc": run.history.final_accuracy, "test_acc": evaluate(run.model, test)[1],
+            "bytes_up": run.history.bytes_up_per_client, "state": dict(run.model.state_dict()),
+            "steps": strategy.finish(run.model), "rejected": len(run.server.rejected),
+            "floor_hits": strategy.floor_hits}

@@ -9,6 +9,7 @@ import torch
 
 from helpers import quantization as Q
 from helpers.codecs import Float32Codec, PackedIntCodec, PayloadError, QuantizedCodec
+from helpers.codecs.quantized import QATUploadCodec
 from helpers.federated import FedConfig, run_federated
 from helpers.training import evaluate, float_state, local_train
 from helpers.models import MLP
@@ -212,3 +213,226 @@ def test_quantized_uplink_in_federated_run_costs_what_the_codec_says(small_train
     expected = len(QuantizedCodec(4).encode(float_state(model)))
     assert run.history.bytes_up_per_client == expected
     assert run.history.final_accuracy > 0.6 and not run.server.rejected
+
+
+# ---- step rules: max-abs, MSE-optimal, LSQ's initial step -----------------------------------------
+
+def _sq_err(w, bits, step):
+    return float(((Q.fake_quantize(w, bits, scale=step) - w) ** 2).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mse_scale_is_never_worse_than_max_abs_and_matches_a_fine_search(update, bits):
+    w = update["net.1.weight"]
+    per_ch = Q.mse_scale(w, bits, per_channel=True)
+    top = Q.max_abs_scale(w, bits, per_channel=True)
+    assert per_ch.shape == (64,) and bool((per_ch > 0).all()) and bool((per_ch <= top).all())
+    for c in range(0, 64, 9):   # per channel: ≤ max-abs, and within 2% of a 2,000-point search (grid: 100 points)
+        row = w[c]
+        best = _sq_err(row, bits, per_ch[c])
+        assert best <= _sq_err(row, bits, top[c]) * (1 + 1e-6)
+        steps = top[c] * torch.arange(1, 2001) / 2000
+        fine = float((torch.round((row / steps[:, None]).clamp(-Q.qmax(bits), Q.qmax(bits))) * steps[:, None] - row)
+                     .pow(2).sum(1).min())
+        assert best <= fine * 1.02 + 1e-12
+    one = Q.mse_scale(w, bits)
+    assert one.shape == (1,) and _sq_err(w, bits, one) <= _sq_err(w, bits, Q.max_abs_scale(w, bits))
+
+
+def test_mse_scale_of_a_gaussian_matches_the_known_optimal_ternary_step():
+    # the MSE-optimal 3-level uniform quantizer of N(0, σ²) has step ≈ 1.224 σ (Max 1960)
+    w = torch.randn(400_000, generator=torch.Generator().manual_seed(0)) * 0.05
+    assert abs(float(Q.mse_scale(w, 2, num=400)) / 0.05 - 1.224) < 0.02
+    # at 2 bits max-abs wastes the grid on the tails: the optimal step is far smaller, the error far lower
+    assert float(Q.mse_scale(w, 2)) < 0.4 * float(Q.max_abs_scale(w, 2))
+    assert _sq_err(w, 2, Q.mse_scale(w, 2)) < 0.3 * _sq_err(w, 2, Q.max_abs_scale(w, 2))
+
+
+def test_mse_scale_edge_cases_and_bad_arguments():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0]])
+    s = Q.mse_scale(w, 4, per_channel=True)
+    assert float(s[1]) == 0.0 and float(s[0]) > 0                # an all-zero channel keeps step 0
+    assert torch.allclose(Q.mse_scale(w, 1, per_channel=True), w.abs().mean(1))   # 1 bit: mean|w| exactly
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num"):
+            Q.mse_scale(w, 4, num=bad)
+    with pytest.raises(ValueError, match="NaN"):
+        Q.mse_scale(torch.tensor([1.0, float("nan")]), 4)
+    with pytest.raises(ValueError, match="step must be one of"):
+        Q.ptq_model(MLP(), 4, step="best")
+
+
+def test_lsq_init_scale_is_the_step_lsq_starts_from(update):
+    w = update["net.1.weight"]
+    layer = Q.LSQLinear(torch.nn.Linear(784, 64), bits=2, per_channel=True)
+    assert torch.allclose(layer.wq.step.detach(), Q.lsq_init_scale(layer.weight, 2, per_channel=True).clamp_min(1e-8))
+    assert torch.allclose(Q.lsq_init_scale(w, 4), 2 * w.abs().mean() / math.sqrt(7))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ptq_step_rules_order_by_weight_error(small_train, bits):
+    torch.manual_seed(0)
+    model = MLP(hidden=(64,))
+    local_train(model, small_train, torch.arange(3200), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    w = model.net[1].weight.detach()
+    err = {rule: float(((Q.ptq_model(model, bits, step=rule).net[1].weight - w) ** 2).sum()) for rule in Q.STEP_RULES}
+    assert err["mse"] <= err["maxabs"] and err["mse"] <= err["lsq"] * (1 + 1e-6)
+    assert torch.equal(Q.ptq_model(model, bits).net[1].weight, Q.ptq_model(model, bits, step="maxabs").net[1].weight)
+
+
+# ---- frozen vs learned steps, and integer export at every bit width ---------------------------------
+
+def test_frozen_step_stays_put_while_the_weights_train(small_train):
+    torch.manual_seed(0)
+    model = Q.swap_to_lsq(MLP(hidden=(32,)), bits=2, per_channel=True, learn_step=False)
+    step0, w0 = model.net[1].wq.step.detach().clone(), model.net[1].weight.detach().clone()
+    local_train(model, small_train, torch.arange(1600), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.net[1].wq.step.detach(), step0)
+    assert not torch.equal(model.net[1].weight.detach(), w0)
+    assert "learn_step=False" in repr(model.net[1].wq)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 16])
+def test_export_then_integer_model_matches_the_fake_quant_model_at_every_bit_width(small_train, small_test, bits):
+    torch.manual_seed(bits)
+    model = Q.swap_to_lsq(MLP(hidden=(48,)), bits=bits, per_channel=True)
+    local_train(model, small_train, torch.arange(800), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    exported = Q.export_integer(model)
+    codes = exported["net.1.codes"]
+    assert codes.dtype == Q.code_dtype(bits) == (torch.int8 if bits <= 8 else torch.int16)
+    assert torch.equal(codes.to(torch.int32), model.net[1].wq.codes(model.net[1].weight))
+    assert int(codes.abs().max()) <= Q.qmax(bits)
+    int_model = Q.integer_model(model, exported)
+    assert int_model.net[1].codes.dtype == codes.dtype and int_model.net[3].codes.dtype == codes.dtype
+    with torch.no_grad():
+        fq, iq = model.eval()(small_test.x), int_model.eval()(small_test.x)
+    assert torch.allclose(fq, iq, atol=1e-4, rtol=1e-5)
+    assert torch.equal(fq.argmax(1), iq.argmax(1))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_export_round_trip_keeps_codes_and_predictions(small_test, bits):
+    torch.manual_seed(0)
+    model = Q.swap_to_lsq(MLP(hidden=(48,)), bits=bits, per_channel=True)
+    exported = Q.export_integer(model)
+    decoded = PackedIntCodec(bits).decode(PackedIntCodec(bits).encode(exported))
+    assert decoded["net.1.codes"].dtype == torch.int8 and torch.equal(decoded["net.1.codes"], exported["net.1.codes"])
+    with torch.no_grad():
+        assert torch.equal(Q.integer_model(model, decoded)(small_test.x), Q.integer_model(model, exported)(small_test.x))
+
+
+def test_integer_layers_refuse_float_codes():
+    with pytest.raises(TypeError, match="integer"):
+        Q.IntegerLinear(torch.zeros(3, 4), torch.ones(3), None)
+    with pytest.raises(TypeError, match="integer"):
+        Q.IntegerConv2d(torch.nn.Conv2d(1, 2, 3), torch.zeros(2, 1, 3, 3), torch.ones(2), None)
+
+
+# ---- the QAT uplink: quantized weights, bit-packed ------------------------------------------------------
+
+@pytest.fixture()
+def qat_pair(small_train):
+    """(global state, one client's update) of a 4-bit per-channel LSQ MLP after 50 local steps."""
+    torch.manual_seed(0)
+    model = Q.swap_to_lsq(MLP(hidden=(64,)), bits=4, per_channel=True)
+    base = float_state(model)
+    local_train(model, small_train, torch.arange(1600), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    return base, {k: v - base[k] for k, v in float_state(model).items()}, model
+
+
+def test_qat_upload_sends_the_clients_deployable_weights_bit_packed(qat_pair):
+    base, update, model = qat_pair
+    codec = QATUploadCodec(4)
+    codec.set_base(base)
+    payload = codec.encode(update)
+    # body: 4-bit codes of the two weight matrices, float32 for steps and biases, 2 header bytes per tensor
+    floats = 64 + 10 + 64 + 10
+    assert len(payload) == framing_bytes(update) + 2 * len(update) + math.ceil(784 * 64 / 2) \
+        + math.ceil(64 * 10 / 2) + 4 * floats
+    assert len(payload) <= 0.14 * len(Float32Codec().encode(update))
+    fresh = QATUploadCodec(4)                      # the server: no base, decodes against its reference
+    out = fresh.decode(payload, reference=base)
+    for layer in ("net.1", "net.3"):
+        w_hat = base[f"{layer}.weight"] + out[f"{layer}.weight"]
+        q = model.get_submodule(layer).wq
+        assert torch.allclose(w_hat, q(model.get_submodule(layer).weight).detach(), atol=1e-6)  # the fake-quant weight
+        assert torch.equal(out[f"{layer}.wq.step"], update[f"{layer}.wq.step"])
+        assert torch.equal(out[f"{layer}.bias"], update[f"{layer}.bias"])
+    assert torch.equal(codec.decode(payload)["net.1.weight"], out["net.1.weight"])  # without reference: the base
+
+
+def test_qat_upload_refuses_what_it_cannot_trust(qat_pair):
+    base, update, _ = qat_pair
+    codec = QATUploadCodec(4)
+    with pytest.raises(ValueError, match="set_base"):
+        codec.encode(update)
+    with pytest.raises(PayloadError, match="global state"):
+        QATUploadCodec(4).decode(b"FLBK" + bytes(20))
+    codec.set_base(base)
+    payload = codec.encode(update)
+    with pytest.raises(PayloadError, match="codec id"):
+        codec.decode(Float32Codec().encode(update), reference=base)
+    with pytest.raises(PayloadError, match="quantized|kind|bits"):
+        QATUploadCodec(2).decode(payload, reference=base)
+    small = {k: (v[:32] if k.startswith("net.1") else v) for k, v in base.items()}
+    with pytest.raises(PayloadError, match="shape|limit"):   # a smaller model: bounded before any body is read
+        codec.decode(payload, reference=small)
+    # a step update that makes the client's step negative: the encoder refuses it, and so does the server
+    bad = dict(update)
+    bad["net.3.wq.step"] = -2 * base["net.3.wq.step"]
+    with pytest.raises(ValueError, match="positive"):
+        codec.encode(bad)
+    wire = {k: bad[k] for k in update}
+    for layer in ("net.1", "net.3"):
+        w, step = base[f"{layer}.weight"] + update[f"{layer}.weight"], base[f"{layer}.wq.step"] + update[f"{layer}.wq.step"]
+        wire[f"{layer}.weight"] = Q.lsq_codes(w, step, 4).to(torch.int8)
+    forged = PackedIntCodec.encode(codec, wire)   # framed by hand, bypassing QATUploadCodec.encode's check
+    with pytest.raises(PayloadError, match="positive"):
+        codec.decode(forged, reference=base)
+    with pytest.raises(ValueError, match="bits must be"):
+        QATUploadCodec(1)
+
+
+def test_federated_qat_with_the_packed_uplink(small_train, small_test):
+    torch.manual_seed(0)
+    for learn in (True, False):
+        model = Q.swap_to_lsq(MLP(hidden=(32,)), bits=4, per_channel=True, learn_step=learn)
+        strategy = Q.QATFedAvg()
+        parts = [torch.arange(0, 1500), torch.arange(1500, 3000)]
+        run = run_federated(model, small_train, parts, small_test, FedConfig(rounds=2, lr=0.05, seed=0),
+                            uplink=QATUploadCodec(4), strategy=strategy)
+        steps = strategy.finish(run.model)
+        assert not run.server.rejected and len(steps) == 3
+        assert run.history.bytes_up_per_client <= 0.14 * len(Float32Codec().encode(float_state(model)))
+        moved = not torch.equal(steps[0]["net.1.wq.step"], steps[-1]["net.1.wq.step"])
+        assert moved == learn
+        assert run.history.final_accuracy > 0.6
+
+
+def test_packed_export_at_16_bits_round_trips(small_test):
+    torch.manual_seed(0)
+    model = Q.swap_to_lsq(MLP(hidden=(48,)), bits=16, per_channel=True)
+    exported = Q.export_integer(model)
+    decoded = PackedIntCodec(16).decode(PackedIntCodec(16).encode(exported))
+    assert decoded["net.1.codes"].dtype == torch.int16 and torch.equal(decoded["net.1.codes"], exported["net.1.codes"])
+
+
+def test_qat_strategy_keeps_learned_steps_above_its_floor():
+    model = Q.swap_to_lsq(MLP(hidden=(16,)), bits=2, per_channel=True)
+    frozen = Q.swap_to_lsq(MLP(hidden=(16,)), bits=2, per_channel=True, learn_step=False)
+    with torch.no_grad():
+        model.net[1].wq.step[:3] = torch.tensor([-0.5, 0.0, 1e-9])
+        frozen.net[1].wq.step[0] = -0.5
+    strategy = Q.QATFedAvg(min_step=1e-4)
+    strategy.after_local_step(model)
+    strategy.after_local_step(frozen)          # a frozen step is never touched
+    assert torch.equal(model.net[1].wq.step[:3].detach(), torch.full((3,), 1e-4))
+    assert strategy.floor_hits == 3 and float(frozen.net[1].wq.step[0]) == -0.5
+    assert strategy.needs_after_step
+    for bad in (0, -1.0, float("nan"), "1e-6"):
+        with pytest.raises(ValueError, match="min_step"):
+            Q.QATFedAvg(min_step=bad)

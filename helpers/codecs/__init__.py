@@ -11,10 +11,10 @@ Ids 20-29 are reserved for logit codecs.
 """
 
 from .format import MAGIC, Codec, Float16Codec, Float32Codec, PayloadError, validate_update
-from .quantized import PackedIntCodec, QuantizedCodec
+from .quantized import PackedIntCodec, QATUploadCodec, QuantizedCodec, lsq_weight_steps
 from .sparse import (LAYOUTS, SparseCodec, TopKCodec, binary_entropy, decode_positions, encode_positions,
                      position_entropy_bits, varint_decode, varint_encode)
 
 __all__ = ["MAGIC", "Codec", "Float16Codec", "Float32Codec", "PayloadError", "validate_update",
-           "PackedIntCodec", "QuantizedCodec", "LAYOUTS", "SparseCodec", "TopKCodec", "binary_entropy",
+           "PackedIntCodec", "QATUploadCodec", "QuantizedCodec", "lsq_weight_steps", "LAYOUTS", "SparseCodec", "TopKCodec", "binary_entropy",
            "decode_positions", "encode_positions", "position_entropy_bits", "varint_decode", "varint_encode"]

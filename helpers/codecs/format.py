@@ -42,7 +42,8 @@ MAX_ELEMENTS = 1 << 26
 A server always decodes against its reference, which bounds every allocation by the model's size."""
 
 _DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64,
-                                   4: torch.int8, 5: torch.uint8, 6: torch.int32, 7: torch.int64, 8: torch.bool}
+                                   4: torch.int8, 5: torch.uint8, 6: torch.int32, 7: torch.int64, 8: torch.bool,
+                                   9: torch.int16}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
 
 

@@ -1,5 +1,9 @@
 r"""Quantizing codecs (ids 2-9): uniform ``b``-bit codes on the wire (Chapter 2).
 
+* :class:`QuantizedCodec` (id 2): any update, max-abs steps, codes bit-packed;
+* :class:`PackedIntCodec` (id 3): a deployable integer model (codes packed, floats raw);
+* :class:`QATUploadCodec` (id 4): the uplink of federated QAT, a client's *quantized weights*.
+
 The quantizer math lives in :mod:`helpers.quantization`; the byte format in :mod:`helpers.codecs.format`.
 """
 
@@ -7,14 +11,15 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from .. import quantization as _q
-from .format import Codec, Float32Codec, PayloadError, expect_length
+from .format import Codec, Float32Codec, PayloadError, expect_length, validate_update
 
-__all__ = ["QuantizedCodec", "PackedIntCodec"]
+__all__ = ["QuantizedCodec", "PackedIntCodec", "QATUploadCodec", "lsq_weight_steps"]
 
 
 class QuantizedCodec(Codec):
@@ -115,3 +120,96 @@ class PackedIntCodec(Codec):
 
     def __repr__(self) -> str:
         return f"PackedIntCodec(bits={self.bits})"
+
+
+def lsq_weight_steps(names) -> dict[str, str]:
+    """``{weight name: step name}`` for the LSQ layers among a state dict's ``names``: ``P.weight`` is an
+    LSQ weight exactly when ``P.wq.step`` is there too (:class:`helpers.quantization.LSQLinear`/``LSQConv2d``)."""
+    names = set(names)
+    pairs = {}
+    for n in names:
+        if n == "weight" or n.endswith(".weight"):
+            step = n[:-len("weight")] + "wq.step"
+            if step in names:
+                pairs[n] = step
+    return pairs
+
+
+class QATUploadCodec(PackedIntCodec):
+    r"""The uplink of federated QAT: a client sends the model it would deploy, not a float32 update.
+
+    For every LSQ layer (``P.weight`` with its step ``P.wq.step``) the client's weight
+    :math:`w_k = w + \delta w_k` travels as its integer codes :math:`q_k = \mathrm{round}(\mathrm{clip}(w_k/\Delta_k,
+    -Q, Q))` packed at ``bits`` bits (``PackedIntCodec``'s body); every other tensor (the steps, biases) is
+    the float32 update. The server rebuilds :math:`\hat w_k = q_k\,\Delta_k` with :math:`\Delta_k = \Delta + \delta\Delta_k`
+    and hands FedAvg the update :math:`\hat w_k - w`, so the new global weight is the weighted mean of the
+    clients' *quantized* weights.
+
+    Both sides need the global state :math:`w` the update is relative to (the client received it; the
+    server holds it): :meth:`decode` takes it as ``reference`` (the server's state, as ``Server.receive``
+    passes it) and :meth:`encode` from :meth:`set_base`, which :class:`helpers.quantization.QATFedAvg` calls
+    before every round. Decoding checks every header against the reference *before* reading a body (names,
+    shapes, the integer wire dtype of codes), so a payload can never allocate more than the model; codes
+    outside :math:`[-Q, Q]`, non-finite floats and non-positive steps are rejected; no pickle anywhere.
+    """
+
+    codec_id = 4
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits)
+        if self.bits == 1:
+            raise ValueError("bits must be ≥ 2 for LSQ layers (a 1-bit symmetric grid has no zero)")
+        self.name = f"qat{self.bits}-upload"
+        self.base: dict[str, torch.Tensor] | None = None
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The integer dtype the header declares for codes (their body is packed at ``bits`` bits anyway)."""
+        return torch.int8 if self.bits <= 8 else torch.int32
+
+    def set_base(self, state: Mapping[str, torch.Tensor]) -> None:
+        """The global state this round's updates are relative to (what the client received)."""
+        self.base = {k: v.detach().clone() for k, v in state.items()}
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> bytes:
+        if self.base is None:
+            raise ValueError(f"{self.name}: call set_base(global_state) before encoding (QATFedAvg does it every round)")
+        if set(tensors) != set(self.base):
+            raise ValueError(f"{self.name}: the update's tensors {sorted(tensors)} are not the base's {sorted(self.base)}")
+        pairs = lsq_weight_steps(tensors)
+        if not pairs:
+            raise ValueError(f"{self.name}: no LSQ layer (P.weight with P.wq.step) in the update")
+        wire: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if name in pairs:
+                w = self.base[name] + t
+                step = self.base[pairs[name]] + tensors[pairs[name]]
+                wire[name] = _q.lsq_codes(w, step, self.bits).to(self.wire_dtype)
+            else:
+                wire[name] = t.to(torch.float32)
+        return super().encode(wire)
+
+    def decode(self, payload: bytes, reference: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        ref = reference if reference is not None else self.base
+        if ref is None:
+            raise PayloadError(f"{self.name}: decoding needs the global state (pass reference=, or call set_base)")
+        pairs = lsq_weight_steps(ref)
+        # what the header must declare: codes as integers, the rest as in the model (meta tensors: no memory)
+        wire_ref = {k: torch.empty(v.shape, dtype=self.wire_dtype if k in pairs else v.dtype, device="meta")
+                    for k, v in ref.items()}
+        wire = super().decode(payload, wire_ref)
+        out: dict[str, torch.Tensor] = {}
+        for name, t in wire.items():
+            if name in pairs:
+                step = (ref[pairs[name]] + wire[pairs[name]]).to(torch.float32).reshape(-1)
+                if not bool(torch.isfinite(step).all()) or bool((step <= 0).any()):
+                    raise PayloadError(f"{self.name}: the step of {name!r} must be finite and positive")
+                w_hat = _q.dequantize(_q.QuantizedTensor(t.to(torch.int32), step, self.bits))
+                out[name] = (w_hat - ref[name]).to(ref[name].dtype)
+            else:
+                out[name] = t
+        validate_update(out, ref)
+        return out
+
+    def __repr__(self) -> str:
+        return f"QATUploadCodec(bits={self.bits})"
