@@ -276,7 +276,7 @@ def test_ptq_step_rules_order_by_weight_error(small_train, bits):
     local_train(model, small_train, torch.arange(3200), epochs=1, batch_size=32, lr=0.05,
                 generator=torch.Generator().manual_seed(0))
     w = model.net[1].weight.detach()
-    err = {rule: float(((Q.ptq_model(model, bits, step=rule).net[1].weight - w) ** 2).sum()) for rule in Q.STEP_RULES}
+    err = {rule: float(((Q.ptq_model(model, bits, step=rule).net[1].weight.detach() - w) ** 2).sum()) for rule in Q.STEP_RULES}
     assert err["mse"] <= err["maxabs"] and err["mse"] <= err["lsq"] * (1 + 1e-6)
     assert torch.equal(Q.ptq_model(model, bits).net[1].weight, Q.ptq_model(model, bits, step="maxabs").net[1].weight)
 
