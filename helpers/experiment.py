@@ -34,9 +34,9 @@ DIRICHLET_ALPHA = 0.5
 SHARDS_PER_CLIENT = 2
 VAL_SIZE = 5000
 THREADS = 1
-"""torch threads per run. Measured (``benchmarks/simulator.py``): for the book's small models a second
-thread mostly adds synchronisation, and two 1-thread runs side by side (:mod:`helpers.parallel`) do
-far more work than one 2-thread run. One thread also makes a run's result independent of where it ran."""
+"""torch threads per run. Measured (``benchmarks/simulator.py``, quiet 2-core machine): two 1-thread runs side
+by side (:mod:`helpers.parallel`) do 1.5-1.6x the work of the same runs one after another on 2 threads, and
+2 threads collapse on a busy machine. One thread also makes a run's result independent of where it ran."""
 
 CNN_LR = 0.04
 """SmallCNN's local learning rate (SGD, momentum 0.9, batch 32), chosen on the validation split (Chapter 1)."""

@@ -1,7 +1,7 @@
 r"""Run independent experiments (seeds, sweep points, methods) side by side, one CPU core each.
 
-The book's models are small: a second torch thread in one process mostly adds synchronisation,
-while two single-threaded processes each run at full speed. So instead of one run on all cores,
+The book's models are small: a second torch thread in one process buys little (and stalls on a busy
+machine), while two single-threaded processes each run at full speed. So instead of one run on all cores,
 :func:`run_parallel` runs *whole runs* in parallel worker processes with one torch thread each::
 
     # helpers/my_chapter_tasks.py (or any importable module; not a notebook cell)
