@@ -100,7 +100,9 @@ def bound_norms(updates: Sequence[Update], weights: Sequence[float], multiple: f
                 action: str = "drop") -> tuple[list[dict[str, torch.Tensor]], list[float], int]:
     r"""The norm bound: with :math:`\beta = \text{multiple} \times \mathrm{median}_k \|\Delta_k\|`, an update
     whose L2 norm exceeds :math:`\beta` is dropped (``action="drop"``) or scaled down to norm :math:`\beta`
-    (``action="clip"``). Needs ≥ 3 updates for a meaningful median; fewer are returned as they are.
+    (``action="clip"``). The median is taken over the finite norms, and an update whose norm is not finite
+    (a client whose SGD diverged to inf or NaN) is always dropped: no scale makes it usable. Needs ≥ 3 updates
+    for a meaningful median; fewer are returned as they are.
     Returns (updates, weights, how many were dropped or clipped)."""
     if isinstance(multiple, bool) or not isinstance(multiple, (int, float)) or not 0 < multiple < float("inf"):
         raise ValueError(f"multiple must be a finite positive number, got {multiple!r}")
@@ -110,9 +112,13 @@ def bound_norms(updates: Sequence[Update], weights: Sequence[float], multiple: f
     if len(ups) < 3:
         return ups, ws, 0
     norms = [update_norm(u) for u in ups]
-    bound = multiple * float(np.median(norms))
+    finite = [n for n in norms if math.isfinite(n)]
+    bound = multiple * float(np.median(finite)) if finite else 0.0
     out_u, out_w, hit = [], [], 0
     for u, w, n in zip(ups, ws, norms):
+        if not math.isfinite(n):
+            hit += 1
+            continue
         if n > bound:
             hit += 1
             if action == "drop":

@@ -90,24 +90,37 @@ def local_train(model: nn.Module, data: TensorDataset, indices: torch.Tensor, *,
     returns the mean training loss.
 
     ``after_step(model)`` runs after every optimizer step (for example to re-apply a pruning mask).
+
+    A model with convolutions trains in the channels-last memory layout (NHWC): on a CPU its convolution
+    kernels are about 20% faster there (``benchmarks/simulator.py``, SmallCNN). Only the layout changes, not
+    the values; the model is back in the default layout when this function returns.
     """
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite positive number, got {lr!r}")
     idx = _check_indices(indices, len(data))
     loss_fn = loss_fn or default_loss
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    model.train()
-    total, count = 0.0, 0
-    for batch in minibatches(idx, batch_size, generator, epochs, steps):
-        out = model(data.x[batch])
-        loss = loss_fn(out, data.y[batch], batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step(model)
-        total += float(loss.detach()) * len(batch)
-        count += len(batch)
+    channels_last = any(p.dim() == 4 for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        model.train()
+        total, count = 0.0, 0
+        for batch in minibatches(idx, batch_size, generator, epochs, steps):
+            x = data.x[batch]
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(x), data.y[batch], batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step(model)
+            total += float(loss.detach()) * len(batch)
+            count += len(batch)
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     return total / max(count, 1)
 
 

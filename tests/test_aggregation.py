@@ -86,6 +86,18 @@ def test_bound_norms_drop_removes_update_and_weight():
     assert hit == 1 and weights == [1, 2, 3] and len(out) == 3
 
 
+@pytest.mark.parametrize("action", ["drop", "clip"])
+def test_bound_norms_drops_non_finite_updates_and_ignores_them_in_the_median(action):
+    # norms 5, 1, 2, inf, nan: the median of the finite ones is 2, bound 4 -> the 5 is bounded too
+    ups = [U(3.0, 4.0), U(0.0, 1.0), U(0.0, 2.0), U(float("inf"), 0.0), U(float("nan"), 1.0)]
+    out, weights, hit = bound_norms(ups, [1, 2, 3, 4, 5], multiple=2.0, action=action)
+    assert hit == 3 and all(torch.isfinite(u["w"]).all() for u in out)
+    if action == "drop":
+        assert weights == [2, 3] and len(out) == 2
+    else:
+        assert weights == [1, 2, 3] and update_norm(out[0]) == pytest.approx(4.0)
+
+
 def test_bound_norms_needs_three_updates():
     ups = [U(1.0, 0.0), U(100.0, 0.0)]
     out, weights, hit = bound_norms(ups, [1, 1], multiple=1.0, action="clip")
