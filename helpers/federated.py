@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = [
     "Client",
     "Server",
     "FederatedRun",
+    "RoundTally",
     "samples_seen",
     "run_federated",
 ]
@@ -178,6 +179,46 @@ class FederatedRun:
     server: Server
 
 
+@dataclass
+class RoundTally:
+    """What the server collects in one round, in the simulator and on Flower's engine alike: every upload is
+    counted (bytes, samples), decoded and validated by :meth:`Server.receive`, and kept only if accepted."""
+
+    updates: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    up_bytes: int = 0
+    samples: int = 0
+    rejected: int = 0
+
+    def receive(self, server: "Server", payload: bytes, round_idx: int, cid: int, num_samples: int, loss: float,
+                config: FedConfig) -> None:
+        self.up_bytes += len(payload)
+        self.samples += samples_seen(num_samples, config)
+        received = server.receive(payload, round_idx, cid)
+        if received is None:
+            self.rejected += 1
+            return
+        self.updates.append(received)
+        self.weights.append(num_samples)
+        self.losses.append(loss)
+
+    def close(self, server: "Server", test: TensorDataset, round_idx: int, config: FedConfig, *, bytes_down: int,
+              clients: int, t0: float) -> RoundRecord:
+        """Apply the round's aggregate, evaluate the global model when due, and return the round's record."""
+        server.apply(self.updates, self.weights)
+        if round_idx % config.eval_every == 0 or round_idx == config.rounds:
+            test_loss, test_acc = evaluate(server.model, test)
+        else:
+            test_loss, test_acc = float("nan"), float("nan")
+        return RoundRecord(
+            round=round_idx, test_acc=test_acc, test_loss=test_loss,
+            train_loss=float(np.mean(self.losses)) if self.losses else float("nan"),
+            bytes_up=self.up_bytes, bytes_down=bytes_down, clients=clients, rejected=self.rejected,
+            samples=self.samples, seconds=time.perf_counter() - t0,
+            bounded=server.strategy.last_bounded if self.updates else 0)
+
+
 def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[torch.Tensor], test: TensorDataset,
                   config: FedConfig, *, uplink: Codec | None = None, downlink: Codec | None = None,
                   error_feedback: bool = False, loss_fn: LossFn | None = None, strategy: FedAvg | None = None,
@@ -218,7 +259,7 @@ def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[to
         chosen = strategy.sample_clients(len(clients), config.fraction, rng)
         down = server.broadcast()
         start_state = server.downlink.decode(down)
-        updates, weights, losses, up_bytes, rejected, samples = [], [], [], 0, 0, 0
+        tally = RoundTally()
         for cid in chosen:
             client = clients[cid]
             update, loss = client.local_update(worker, start_state, train, config, round_idx, loss_fn, after_step)
@@ -229,24 +270,8 @@ def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[to
                 ef.remember(cid, update, server.uplink.decode(payload))
             if transmit is not None:
                 payload = transmit(round_idx, cid, payload)
-            up_bytes += len(payload)
-            samples += samples_seen(client.num_samples, config)
-            received = server.receive(payload, round_idx, cid)
-            if received is None:
-                rejected += 1
-                continue
-            updates.append(received)
-            weights.append(client.num_samples)
-            losses.append(loss)
-        server.apply(updates, weights)
-        if round_idx % config.eval_every == 0 or round_idx == config.rounds:
-            test_loss, test_acc = evaluate(global_model, test)
-        else:
-            test_loss, test_acc = float("nan"), float("nan")
-        history.rows.append(RoundRecord(
-            round=round_idx, test_acc=test_acc, test_loss=test_loss,
-            train_loss=float(np.mean(losses)) if losses else float("nan"),
-            bytes_up=up_bytes, bytes_down=len(down) * len(chosen), clients=len(chosen), rejected=rejected,
-            samples=samples, seconds=time.perf_counter() - t0, bounded=strategy.last_bounded if updates else 0))
+            tally.receive(server, payload, round_idx, cid, client.num_samples, loss, config)
+        history.rows.append(tally.close(server, test, round_idx, config, bytes_down=len(down) * len(chosen),
+                                        clients=len(chosen), t0=t0))
         print_progress(history, log_every, config.rounds)
     return FederatedRun(global_model, history, server)

@@ -208,3 +208,29 @@ def test_local_train_uses_channels_last_for_speed_but_changes_only_the_layout(fm
 def seed_state(seed):
     seed_everything(seed)
     return SmallCNN().state_dict()
+
+
+def test_round_tally_counts_every_upload_and_keeps_only_the_accepted(small_train, small_test):
+    """The round bookkeeping shared by run_federated and the Flower ServerApp: bytes and samples count every
+    upload, a corrupted one is rejected and left out of the aggregate, and close() applies and records."""
+    from helpers.federated import RoundTally, Server
+    from helpers.codecs import Float32Codec
+
+    seed_everything(0)
+    model = MLP(hidden=(16,))
+    server = Server(model)
+    config = FedConfig(rounds=1, fraction=1.0, local_epochs=1, batch_size=32, lr=0.05)
+    update = {k: torch.full_like(v, 0.01) for k, v in float_state(model).items()}
+    good = Float32Codec().encode(update)
+    bad = bytearray(good)
+    bad[100] ^= 0x01
+    before = {k: v.clone() for k, v in float_state(model).items()}
+    tally = RoundTally()
+    tally.receive(server, good, 1, 0, 64, 0.5, config)
+    tally.receive(server, bytes(bad), 1, 1, 32, 9.0, config)
+    assert tally.up_bytes == 2 * len(good) and tally.samples == 64 + 32 and tally.rejected == 1
+    assert tally.weights == [64] and tally.losses == [0.5]
+    record = tally.close(server, small_test, 1, config, bytes_down=0, clients=2, t0=0.0)
+    assert record.rejected == 1 and record.train_loss == 0.5 and 0.0 <= record.test_acc <= 1.0
+    after = float_state(model)
+    assert all(torch.allclose(after[k], before[k] + 0.01) for k in before)

@@ -32,9 +32,8 @@ from flwr.serverapp import Grid, ServerApp
 from ..aggregation import FedAvg
 from ..codecs import Float32Codec
 from ..data import load_dataset
-from ..federated import Server, samples_seen
-from ..history import History, RoundRecord
-from ..training import evaluate
+from ..federated import RoundTally, Server
+from ..history import History
 from .task import AppSettings, initial_model, make_codec, payload_record, record_payload, test_subset
 
 __all__ = ["app", "EngineRun", "wait_for_nodes", "partition_map", "run_rounds"]
@@ -125,35 +124,20 @@ def run_rounds(grid: Grid, settings: AppSettings, log: Callable[[str], None] = p
             owner[pid] = node
             replies[pid] = (record_payload(reply.content["update"]), int(m["num-examples"]), float(m["train-loss"]))
         node_of.update(owner)
-        # The simulator's bookkeeping, in client-id order.
-        updates, weights, losses, up_bytes, rejected, samples = [], [], [], 0, 0, 0
+        # The simulator's bookkeeping (helpers.federated.RoundTally), in client-id order.
+        tally = RoundTally()
         for cid in chosen:
             if cid not in replies:
                 dropped.append((round_idx, cid, "no reply within round-timeout or an error reply"))
                 continue
             payload, n, loss = replies[cid]
-            up_bytes += len(payload)
-            samples += samples_seen(n, cfg)
-            received = server.receive(payload, round_idx, cid)
-            if received is None:
-                rejected += 1
-                continue
-            updates.append(received)
-            weights.append(n)
-            losses.append(loss)
-        server.apply(updates, weights)
-        if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
-            test_loss, test_acc = evaluate(server.model, test)
-        else:
-            test_loss, test_acc = float("nan"), float("nan")
-        history.rows.append(RoundRecord(
-            round=round_idx, test_acc=test_acc, test_loss=test_loss,
-            train_loss=float(np.mean(losses)) if losses else float("nan"),
-            bytes_up=up_bytes, bytes_down=len(down) * len(chosen), clients=len(chosen), rejected=rejected,
-            samples=samples, seconds=time.perf_counter() - t0, bounded=strategy.last_bounded if updates else 0))
-        acc = "  -   " if math.isnan(test_acc) else f"{test_acc:.4f}"
+            tally.receive(server, payload, round_idx, cid, n, loss, cfg)
+        record = tally.close(server, test, round_idx, cfg, bytes_down=len(down) * len(chosen), clients=len(chosen),
+                             t0=t0)
+        history.rows.append(record)
+        acc = "  -   " if math.isnan(record.test_acc) else f"{record.test_acc:.4f}"
         log(f"round {round_idx}/{cfg.rounds}: test acc {acc}, {len(replies)}/{len(chosen)} replies, "
-            f"up {up_bytes:,} B, {time.perf_counter() - t0:.1f} s")
+            f"up {record.bytes_up:,} B, {record.seconds:.1f} s")
     return EngineRun(server.model, history, server, dict(sorted(node_of.items())), dropped)
 
 
