@@ -10,15 +10,17 @@ export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
 .PHONY: help book test venv system-deps data test-helpers test-notebooks test-portable book-strict test-browser \
-        notebooks benchmarks clean flower
+        notebooks benchmarks clean flower lock check-lock test-colab
 
 help:
 	@echo "make book    - set up everything and build the HTML book into _build/html"
-	@echo "make test    - helpers' tests, nbval on every chapter, strict book build, browser check"
+	@echo "make test    - helpers' tests, Colab cells, nbval on every chapter, strict book build, browser check, lock check"
 	@echo "make test-portable - nbval with ATEN_CPU_CAPABILITY=avx2 (outputs must not depend on the CPU)"
 	@echo "make notebooks - re-execute every chapter in place (refreshes stored outputs)"
 	@echo "make benchmarks - time every chapter and the simulator vs centralized training"
 	@echo "make flower  - run the book's Flower app on a loopback SuperLink + 2 SuperNodes (Chapter 7)"
+	@echo "make lock    - regenerate requirements.txt for every platform and Python (UPGRADE=1 lets versions move)"
+	@echo "make check-lock - resolve requirements.txt for Linux x86_64/aarch64, macOS arm64, Windows x86_64 x Python 3.11-3.13"
 
 # ---- set-up ------------------------------------------------------------------------------
 $(STAMP): requirements.txt pyproject.toml
@@ -57,7 +59,11 @@ book-strict: data
 
 # ---- tests -------------------------------------------------------------------------------
 test-helpers: data
-	$(PY) -m pytest -q tests --ignore=tests/test_browser.py
+	$(PY) -m pytest -q tests --ignore=tests/test_browser.py --ignore=tests/test_colab.py
+
+# Each chapter's Colab cell in a fresh venv with another torch and no myst-nb (builds a venv: minutes).
+test-colab: data
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_colab.py
 
 # One pytest run per chapter, so each chapter's execution time is printed next to its 150 s budget.
 test-notebooks: data
@@ -76,7 +82,7 @@ test-portable:
 test-browser: book-strict
 	@if [ -f tests/test_browser.py ]; then $(PY) -m pytest -q tests/test_browser.py; fi
 
-test: test-helpers test-notebooks book-strict test-browser
+test: test-helpers test-colab test-notebooks book-strict test-browser check-lock
 
 # ---- maintenance -------------------------------------------------------------------------
 notebooks: data
@@ -97,3 +103,33 @@ clean:
 # prints the accuracy and the bytes of every round, then stops every process it started.
 flower: data
 	$(PY) -m helpers.flower.launch
+
+# ---- the lock: one requirements.txt for every reader's machine ---------------------------------------
+# `uv pip compile --universal` writes environment markers (CUDA wheels only where torch's own metadata asks for
+# them: Linux); pip alone cannot check other platforms from one machine, because it evaluates markers against
+# the machine it runs on (`pip install --platform win_amd64` here still asks for torch's Linux-only nvidia-nccl).
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+LOCK_PYTHON := 3.11.5
+LOCK_PLATFORMS := x86_64-manylinux_2_28 aarch64-manylinux_2_28 aarch64-apple-darwin x86_64-pc-windows-msvc
+LOCK_PYTHONS := 3.11.5 3.12 3.13
+
+$(UV): $(STAMP)
+	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+
+lock: $(UV)
+	@keep=$$(mktemp); grep -v '^#' requirements.txt | sed 's/ *;.*//' > $$keep; \
+	$(UV) pip compile pyproject.toml --extra deploy --extra download --extra flower --extra test --extra book --universal \
+	  --python-version $(LOCK_PYTHON) --no-header --no-annotate -q $(if $(UPGRADE),,-c $$keep) -o $$keep.new; \
+	{ grep '^#' requirements.txt; cat $$keep.new; } > $$keep.lock; mv $$keep.lock requirements.txt; rm -f $$keep $$keep.new; \
+	echo "requirements.txt: $$(grep -c '==' requirements.txt) pins"
+
+check-lock: $(UV)
+	@failed=""; for platform in $(LOCK_PLATFORMS); do for python in $(LOCK_PYTHONS); do \
+	  if out=$$(MACOSX_DEPLOYMENT_TARGET=14.0 $(UV) pip compile requirements.txt --python-platform $$platform \
+	      --python-version $$python --only-binary :all: --no-header --no-annotate -q 2>&1); then \
+	    echo "check-lock: $$platform, Python $$python: resolved, $$(grep -c '==' <<< "$$out") wheels"; \
+	  else echo "check-lock: $$platform, Python $$python: FAILED"; echo "$$out" | head -5; failed="$$failed $$platform/$$python"; fi; \
+	done; done; \
+	if [ -n "$$failed" ]; then echo "check-lock failed:$$failed"; exit 1; fi
+

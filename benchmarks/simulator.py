@@ -37,7 +37,8 @@ import torch
 from helpers.data import load_dataset, partition_iid
 from helpers.federated import FedConfig
 from helpers.models import MLP, SmallCNN
-from helpers.parallel import available_cpus, example_task, run_parallel, shutdown_pool
+from helpers.experiment import fedavg_seed
+from helpers.parallel import available_cpus, run_parallel
 from helpers.training import train_centralized
 
 MODELS = ("mlp", "cnn")
@@ -100,7 +101,7 @@ def main() -> None:
     # one-off costs a chapter pays once per kernel, kept out of the throughput numbers.
     tiny = dict(train=train, test=tiny_test, partition=[idx[:64]], config=config)
     t0 = time.perf_counter()
-    run_parallel(example_task, [dict(tiny, seed=s) for s in range(workers)], workers=workers, progress=False)
+    run_parallel(fedavg_seed, [dict(tiny, seed=s) for s in range(workers)], workers=workers, progress=False)
     print(f"worker pool start-up (spawn, import torch, load the data): {time.perf_counter() - t0:.1f} s, "
           f"paid once per process, not in the numbers below")
 
@@ -113,7 +114,7 @@ def main() -> None:
     for name in args.models:
         tasks = [dict(seed=s, train=train, test=tiny_test, partition=partition, config=config, model=name)
                  for s in range(runs)]
-        example_task(**dict(tiny, seed=0, model=name))  # warm-up in this process
+        fedavg_seed(**dict(tiny, seed=0, model=name))  # warm-up in this process
         init = build(name)
         samples = lambda results: sum(r["samples"] for r in results)  # noqa: E731
 
@@ -125,10 +126,10 @@ def main() -> None:
 
         def sequential(threads: int):
             torch.set_num_threads(threads)
-            return [example_task(**t) for t in tasks]
+            return [fedavg_seed(**t) for t in tasks]
 
         def parallel():
-            return run_parallel(example_task, tasks, workers=workers, progress=False)
+            return run_parallel(fedavg_seed, tasks, workers=workers, progress=False)
 
         measures = {
             "central2": lambda: timed(lambda: central(2), int),
@@ -159,7 +160,6 @@ def main() -> None:
         checks.append(f"{name}: parallel == sequential 1-thread final states (torch.equal, {runs} runs x {repeats} "
                       f"repeats): {'yes' if same else 'NO'}; sequential 2-thread vs 1-thread: "
                       + ("identical" if diff == 0 else f"max |difference| {diff:.1e} (last bits of float sums)"))
-    shutdown_pool()
     if hasattr(os, "getloadavg"):
         print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine slow the "
               f"2-thread runs most: a descheduled thread stalls its partner at every barrier)")

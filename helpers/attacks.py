@@ -13,16 +13,15 @@ Both are module-level classes, so they pickle into :func:`helpers.parallel.run_p
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 
 from .aggregation import Aggregator, CoordinateMedian, FedAvg, TrimmedMean, update_norm
 from .codecs import Codec
 
-__all__ = ["Attack", "SignFlip", "GaussianNoise", "choose_attackers", "robust_strategy", "attack_task"]
+__all__ = ["Attack", "SignFlip", "GaussianNoise", "choose_attackers", "robust_strategy"]
 
 
 class Attack:
@@ -92,27 +91,3 @@ def robust_strategy(rule: str, clip: float = 2.0, trim: float = 0.2) -> FedAvg:
     return FedAvg(aggregator=agg, norm_bound=bound, norm_action="clip")
 
 
-def attack_task(*, seed: int, train, test, partition: Sequence[torch.Tensor], config, rule: str,
-                attack: str = "none", fraction: float = 0.0, scale: float = 10.0, codec: str = "float32") -> dict:
-    """One run of the chapter's attack grid (a :func:`helpers.parallel.run_parallel` task): the book's
-    MLP, server ``rule`` (:func:`robust_strategy`), ``attack`` in ``"none"``, ``"signflip"``, ``"noise"``
-    by ``fraction`` of the clients, uplink ``codec`` ``"float32"`` or ``"q4"`` (4-bit). Returns the final
-    test ``acc`` and the ``attackers``."""
-    from .codecs import Float32Codec, QuantizedCodec
-    from .federated import run_federated
-    from .models import MLP
-    from .reproducibility import seed_everything
-
-    if codec not in ("float32", "q4"):
-        raise ValueError(f"codec must be 'float32' or 'q4', got {codec!r}")
-    attacks = {"signflip": SignFlip, "noise": GaussianNoise}
-    if attack != "none" and attack not in attacks:
-        raise ValueError(f"attack must be 'none', 'signflip' or 'noise', got {attack!r}")
-    make = Float32Codec if codec == "float32" else (lambda: QuantizedCodec(4))
-    attackers = choose_attackers(len(partition), fraction, seed) if attack != "none" else []
-    transmit = attacks[attack](attackers, make(), scale, seed) if attackers else None
-    cfg = dataclasses.replace(config, seed=seed)
-    seed_everything(seed)
-    run = run_federated(MLP(), train, partition, test, cfg, uplink=make(), strategy=robust_strategy(rule),
-                        transmit=transmit)
-    return {"acc": run.history.final_accuracy, "attackers": attackers, "rejected": len(run.server.rejected)}

@@ -7,6 +7,7 @@ into a single in-memory dataset: clients never copy the images.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ __all__ = [
     "TensorDataset",
     "load_dataset",
     "default_data_root",
+    "read_idx",
     "partition_iid",
     "partition_dirichlet",
     "partition_shards",
@@ -117,29 +119,51 @@ def _copy_system_files(system_dir: Path, root: Path, tv_name: str) -> bool:
     return True
 
 
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (the MNIST format: a big-endian header ``0, 0, dtype=0x08 (uint8), ndim``, then ``ndim``
+    big-endian int32 sizes, then the data) into a uint8 tensor of those sizes."""
+    blob = Path(path).read_bytes()
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != 0x08 or not 1 <= blob[3] <= 3:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (header {blob[:4]!r})")
+    ndim = blob[3]
+    shape = tuple(int.from_bytes(blob[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = blob[4 + 4 * ndim:]
+    if len(body) != math.prod(shape):
+        raise ValueError(f"{path}: the header says {shape} = {math.prod(shape)} bytes, the file has {len(body)}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _download(tv_name: str, root: Path, train: bool) -> None:
+    """torchvision's download into ``<root>/<Name>/raw/`` (the only use of torchvision in the book)."""
+    from torchvision import datasets  # imported here: reading the files needs no torchvision
+
+    getattr(datasets, tv_name)(root, train=train, download=True)
+
+
 @lru_cache(maxsize=8)
 def _load(name: str, train: bool, root: str) -> TensorDataset:
-    from torchvision import datasets  # imported lazily: only the loader needs it
-
     tv_name, system_dir, mean, std, classes = _DATASETS[name]
     root_path = Path(root)
-    cls = getattr(datasets, tv_name)
     if not _has_raw(root_path, tv_name) and not _copy_system_files(system_dir, root_path, tv_name):
         try:
-            cls(root_path, train=train, download=True)
-        except Exception as exc:  # no network, no copy: say how to provide the data
+            _download(tv_name, root_path, train)
+        except Exception as exc:  # no network, no copy, no torchvision: say how to provide the data
             raise FileNotFoundError(
                 f"{tv_name} was not found. Provide it in one of three ways:\n"
                 f"  1. put the four idx files in {_raw_dir(root_path, tv_name)} "
                 f"(or set FLBOOK_DATA to a folder that has {tv_name}/raw/);\n"
                 f"  2. install the system copy: apt-get install dataset-{name.replace('_', '-')} "
                 f"(files in {system_dir});\n"
-                f"  3. let torchvision download it (needs internet access).\n"
+                f"  3. let torchvision download it (needs torchvision and internet access).\n"
                 f"The download attempt failed with: {exc}"
             ) from exc
-    ds = cls(root_path, train=train, download=False)
-    x = ds.data.unsqueeze(1).to(torch.float32).div_(255.0).sub_(mean).div_(std)
-    return TensorDataset(x.contiguous(), ds.targets.to(torch.long).clone(), classes, (name, train, root))
+    prefix = "train" if train else "t10k"
+    images = read_idx(_raw_dir(root_path, tv_name) / f"{prefix}-images-idx3-ubyte")
+    labels = read_idx(_raw_dir(root_path, tv_name) / f"{prefix}-labels-idx1-ubyte")
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise ValueError(f"{tv_name} files disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    x = images.unsqueeze(1).to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    return TensorDataset(x.contiguous(), labels.to(torch.long), classes, (name, train, root))
 
 
 def load_dataset(name: str = "fashion_mnist", train: bool = True, root: str | Path | None = None) -> TensorDataset:
@@ -251,7 +275,23 @@ def split_indices(indices: torch.Tensor | np.ndarray | int, fraction: float,
 
 def label_histogram(labels: torch.Tensor | np.ndarray, partition: list[torch.Tensor],
                     num_classes: int | None = None) -> np.ndarray:
-    """Counts of each label on each client: an array of shape (num_clients, num_classes)."""
+    """Counts of each label on each client: an array of shape (num_clients, num_classes).
+    ``num_classes`` defaults to ``max(labels) + 1``; give it when ``labels`` is empty."""
     y = _labels_np(labels)
+    if num_classes is None and y.size == 0:
+        raise ValueError("labels is empty: pass num_classes to count labels of an empty dataset")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(partition, (torch.Tensor, np.ndarray)) or not isinstance(partition, (list, tuple)):
+        raise TypeError(f"partition must be a list of index tensors (one per client), got {type(partition).__name__}")
+    if len(partition) == 0:
+        raise ValueError("partition is empty: need at least one client's indices")
     k = int(num_classes if num_classes is not None else y.max() + 1)
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must lie in [0, num_classes={k}), got values {int(y.min())}..{int(y.max())}")
+    for i, p in enumerate(partition):
+        idx = np.asarray(p)
+        if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= len(y)):
+            raise ValueError(f"partition[{i}] must hold integer indices into labels (0..{len(y) - 1})")
     return np.stack([np.bincount(y[np.asarray(p)], minlength=k) for p in partition])

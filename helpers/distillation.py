@@ -21,14 +21,12 @@ Two federated uses (Chapter 4):
   leave the clients, so they may all differ. (FD, Jeong et al. 2018, is the public-set-free variant:
   each client shares its *per-label average* logits on its own data; it is not implemented here.)
 
-:func:`federated_task` and :func:`logit_exchange_task` are the chapter's runs as importable task
-functions for :func:`helpers.parallel.run_parallel` (one seed = partition + initialisation + sampling).
+Chapter 4's runs (one seed = partition + initialisation + sampling) live in :mod:`helpers.chapters.ch4`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -55,9 +53,6 @@ __all__ = [
     "distill_on_public",
     "LogitExchangeRun",
     "run_logit_exchange",
-    "federated_task",
-    "logit_exchange_task",
-    "chapter_task",
 ]
 
 
@@ -241,72 +236,3 @@ def run_logit_exchange(models: Sequence[nn.Module], train: TensorDataset, partit
     return LogitExchangeRun(clients, history, accs, consensus, rejected_log)
 
 
-# --------------------------------------------------------------------------- Chapter 4's runs, as tasks
-
-
-def federated_task(*, seed: int, arch: str, train: TensorDataset, pool: torch.Tensor, test: TensorDataset,
-                   val_idx: torch.Tensor, config: FedConfig, partition: str = "dirichlet",
-                   teacher_logits: torch.Tensor | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                   label: str = "") -> dict:
-    """One seed of FedAvg on a fresh ``arch`` (:func:`helpers.models.build_model`), for
-    :func:`helpers.parallel.run_parallel`.
-
-    The seed fixes the partition of ``pool`` (``book_partition(..., seed=seed)``), the initialisation
-    (``seed_everything(seed)`` before the model is built) and the sampling/shuffling (``config.seed``).
-    With ``teacher_logits`` (indexed like ``train``) the clients' local loss is :class:`KDLoss`
-    (``alpha``, ``temperature``); without, plain cross-entropy. Returns the final global ``model``, its
-    ``history`` (test accuracy per round), and its accuracy on the validation images ``train[val_idx]``
-    (for choosing hyper-parameters; indices, so a task pickles in a few bytes) and on ``test`` (for reporting).
-    """
-    from .experiment import book_partition
-    from .federated import run_federated
-    from .models import build_model
-    from .reproducibility import seed_everything
-
-    parts = book_partition(train.y, partition, seed=seed, pool=pool)
-    seed_everything(seed)
-    model = build_model(arch, num_classes=train.num_classes)
-    loss_fn = None if teacher_logits is None else KDLoss(teacher_logits, alpha, temperature)
-    run = run_federated(model, train, parts, test, dataclasses.replace(config, seed=seed), loss_fn=loss_fn,
-                        label=label)
-    return {"model": run.model, "history": run.history, "val_acc": evaluate(run.model, train.subset(val_idx))[1],
-            "test_acc": run.history.final_accuracy}
-
-
-def logit_exchange_task(*, seed: int, archs: Sequence[str], train: TensorDataset, pool: torch.Tensor,
-                        public: torch.Tensor, test: TensorDataset, config: FedConfig, partition: str = "dirichlet",
-                        share: bool = True, codec: Codec | None = None, temperature: float = 1.0,
-                        distill_epochs: int = 2, label: str = "") -> dict:
-    """One seed of :func:`run_logit_exchange` for :func:`helpers.parallel.run_parallel`: client k gets a
-    fresh ``archs[k]``, the seed fixes partition, initialisation and shuffling as in :func:`federated_task`;
-    ``public`` are training-set indices whose *images only* are used. Returns the run's ``history``, the
-    clients' final test accuracies, the mean over clients and the uplink bytes per client per round."""
-    from .experiment import book_partition
-    from .models import build_model
-    from .reproducibility import seed_everything
-
-    public = torch.as_tensor(public, dtype=torch.long)
-    if bool(torch.isin(public, torch.as_tensor(pool, dtype=torch.long)).any()):
-        raise ValueError("public overlaps the client pool: carve it out of the pool first (public_split)")
-    parts = book_partition(train.y, partition, seed=seed, pool=pool)
-    if len(archs) != len(parts):
-        raise ValueError(f"{len(archs)} architectures for {len(parts)} clients")
-    seed_everything(seed)
-    models = [build_model(a, num_classes=train.num_classes) for a in archs]
-    run = run_logit_exchange(models, train, parts, train.x[public], test,
-                             dataclasses.replace(config, seed=seed), codec=codec, share=share,
-                             temperature=temperature, distill_epochs=distill_epochs, label=label)
-    return {"history": run.history, "client_accuracies": run.client_accuracies,
-            "mean_acc": run.history.final_accuracy, "bytes_up_per_client": run.history.bytes_up_per_client}
-
-
-_TASKS = {"fedavg": federated_task, "logit_exchange": logit_exchange_task}
-
-
-def chapter_task(job: str, **kwargs) -> dict:
-    """``federated_task(**kwargs)`` (``job="fedavg"``) or ``logit_exchange_task(**kwargs)``
-    (``job="logit_exchange"``): one function, so a single :func:`helpers.parallel.run_parallel` call can
-    mix both kinds of run and keep every core busy."""
-    if job not in _TASKS:
-        raise ValueError(f"job must be one of {sorted(_TASKS)}, got {job!r}")
-    return _TASKS[job](**kwargs)

@@ -36,6 +36,7 @@ from .training import LossFn, client_generator, evaluate, float_state, local_tra
 
 __all__ = [
     "FedConfig",
+    "check_state_like",
     "Client",
     "Server",
     "FederatedRun",
@@ -104,6 +105,22 @@ def samples_seen(n: int, config: FedConfig) -> int:
     return passes * n + sum(per_pass[:extra])
 
 
+
+def check_state_like(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``tensors`` has exactly ``reference``'s tensor names, each
+    a tensor of the same shape (an update against the server's state, a start state against the model)."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{name} must be a dict of tensors, got {type(tensors).__name__}")
+    missing, extra = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
+    if missing or extra:
+        raise ValueError(f"{name} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, ref in reference.items():
+        t = tensors[key]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{name}[{key!r}] has shape {tuple(t.shape)}, the model's is {tuple(ref.shape)}")
+
 @dataclass
 class Client:
     """A federated client: an id and the indices of its samples in the shared dataset.
@@ -122,7 +139,10 @@ class Client:
     def local_update(self, model: nn.Module, start_state: Mapping[str, torch.Tensor], data: TensorDataset,
                      config: FedConfig, round_idx: int, loss_fn: LossFn | None = None,
                      after_step: Callable[[nn.Module], None] | None = None) -> tuple[dict[str, torch.Tensor], float]:
-        """Train from ``start_state`` and return (update = local - start, mean training loss)."""
+        """Train from ``start_state`` and return (update = local - start, mean training loss).
+        ``start_state`` must match ``model``'s floating-point tensors (names and shapes)."""
+        check_state_like(start_state, {k: v for k, v in model.state_dict().items() if v.is_floating_point()},
+                         "start_state")
         model.load_state_dict(start_state, strict=False)
         loss = local_train(model, data, self.indices, epochs=config.local_epochs, batch_size=config.batch_size,
                            lr=config.lr_at(round_idx), momentum=config.momentum, weight_decay=config.weight_decay,
@@ -165,8 +185,11 @@ class Server:
         """``w <- w + strategy.aggregate(updates, weights)``; does nothing when no update survived."""
         if not updates:
             return
+        state = self.state
+        for i, u in enumerate(updates):
+            check_state_like(u, state, f"updates[{i}]")
         avg = self.strategy.aggregate(updates, weights)
-        new_state = {k: v + avg[k].to(v.dtype) for k, v in self.state.items()}
+        new_state = {k: v + avg[k].to(v.dtype) for k, v in state.items()}
         self.model.load_state_dict(new_state, strict=False)
 
 

@@ -1,5 +1,5 @@
 r"""Data heterogeneity (Chapter 6): a drift-correcting strategy (FedProx), personalization by local
-fine-tuning, and the chapter's experiment tasks for :func:`helpers.parallel.run_parallel`.
+fine-tuning. The chapter's experiments live in :mod:`helpers.chapters.ch6`.
 
 FedProx (Li et al. 2020) adds a proximal term to each client's objective,
 
@@ -18,7 +18,6 @@ It costs no extra bytes: the proximal term only needs the global model the clien
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aggregation import DEFAULT_NORM_BOUND, Aggregator, FedAvg
-from .data import TensorDataset, split_indices
+from .data import TensorDataset
 from .federated import FedConfig
 from .training import evaluate, minibatches
 
-__all__ = ["FedProx", "fine_tune_curve", "alpha_task", "generalization_task"]
+__all__ = ["FedProx", "fine_tune_curve"]
 
 
 class FedProx(FedAvg):
@@ -95,49 +94,3 @@ def fine_tune_curve(model: nn.Module, data: TensorDataset, tune_idx: torch.Tenso
     return out
 
 
-def _mlp(seed: int) -> nn.Module:
-    from .models import MLP
-    from .reproducibility import seed_everything
-
-    seed_everything(seed)
-    return MLP()
-
-
-def alpha_task(*, seed: int, train: TensorDataset, val: TensorDataset, test: TensorDataset,
-               partition: Sequence[torch.Tensor], config: FedConfig, mu: float = 0.0) -> dict:
-    """One FedAvg (``mu=0``) or FedProx run of the book's MLP for the non-IID sweep: returns the final
-    global model's ``val_acc`` (for choosing μ) and ``test_acc`` (for reporting)."""
-    from .federated import run_federated
-
-    cfg = dataclasses.replace(config, seed=seed, eval_every=config.rounds)
-    strategy = FedProx(mu, cfg) if mu > 0 else None
-    run = run_federated(_mlp(seed), train, partition, val, cfg, strategy=strategy)
-    return {"val_acc": run.history.final_accuracy, "test_acc": evaluate(run.model, test)[1],
-            "bytes_up": run.history.bytes_up_per_client}
-
-
-def generalization_task(*, seed: int, train: TensorDataset, test: TensorDataset, partition: Sequence[torch.Tensor],
-                        config: FedConfig, participants: int, tune_clients: int, checkpoints: Sequence[int],
-                        lr: float, local_eval: float = 0.3) -> dict:
-    r"""Train on the first ``participants`` clients only, then measure the global model client by client.
-
-    Every client's indices are split once (``seed``) into a part it trains or fine-tunes on and a
-    ``local_eval`` fraction it is evaluated on. Clients ``participants ..`` never take part; the first
-    ``tune_clients`` of them choose the number of fine-tuning steps (validation), the rest are reported.
-    Returns per-client accuracies: ``seen`` (participants, global model), ``unseen_curves`` (every held-out
-    client's accuracy after each of ``checkpoints`` fine-tuning steps; step 0 is the global model)
-    and the global model's ``test_acc``."""
-    from .federated import run_federated
-
-    if not 0 < participants < len(partition) - tune_clients:
-        raise ValueError(f"need 0 < participants < {len(partition) - tune_clients} (clients minus tune_clients)")
-    splits = [split_indices(p, local_eval, seed * 7919 + k) for k, p in enumerate(partition)]
-    fit_parts = [s[0] for s in splits]
-    cfg = dataclasses.replace(config, seed=seed)
-    run = run_federated(_mlp(seed), train, fit_parts[:participants], test, cfg)
-    model = run.model
-    seen = [evaluate(model, train.subset(splits[k][1]))[1] for k in range(participants)]
-    curves = [fine_tune_curve(model, train, splits[k][0], splits[k][1], checkpoints, lr=lr, seed=seed * 7919 + k)
-              for k in range(participants, len(partition))]
-    return {"seen": seen, "unseen_curves": curves, "tune_clients": tune_clients,
-            "test_acc": run.history.final_accuracy}

@@ -14,13 +14,12 @@ masks as if they were weights.
 
 Only the weights of ``nn.Linear`` and ``nn.Conv*`` layers are pruned; biases are few and stay dense.
 
-:func:`run_seed` is Chapter 3's task for :func:`helpers.parallel.run_parallel`: one seed of one
-federated run in the book's standard setting (seed = partition + initialisation + sampling).
+Chapter 3's experiments (one seed of one federated run in the book's setting) live in
+:mod:`helpers.chapters.ch3`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -30,11 +29,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .aggregation import FedAvg
-from .codecs import Codec
 from .data import TensorDataset
-from .federated import FederatedRun, FedConfig, Server, run_federated
-from .models import MLP, SmallCNN
-from .reproducibility import seed_everything
+from .federated import Server
+from .models import SmallCNN
 from .training import evaluate
 
 __all__ = [
@@ -52,8 +49,6 @@ __all__ = [
     "cubic_sparsity",
     "FederatedPruner",
     "shrink_small_cnn",
-    "SeedRun",
-    "run_seed",
 ]
 
 Masks = dict[str, torch.Tensor]
@@ -301,55 +296,6 @@ def shrink_small_cnn(model: nn.Module, keep: float) -> nn.Module:
     f1.weight.copy_(fc1.weight[kh][:, cols]); f1.bias.copy_(fc1.bias[kh])
     f2.weight.copy_(fc2.weight[:, kh]); f2.bias.copy_(fc2.bias)
     return small
-
-
-@dataclass
-class SeedRun:
-    """What :func:`run_seed` returns: the seed, the run (model, history, server: its strategy holds a
-    pruner's masks and log) and, if asked for, one captured upload payload."""
-
-    seed: int
-    run: FederatedRun
-    payload: bytes | None = None
-
-
-def run_seed(*, seed: int, model: str, train: TensorDataset, test: TensorDataset, config: FedConfig,
-             partition: str = "dirichlet", uplink: Codec | None = None, downlink: Codec | None = None,
-             error_feedback: bool = False, strategy: FedAvg | None = None,
-             capture: tuple[int, int] | None = None, label: str = "") -> SeedRun:
-    """One seed of a federated run in the book's setting, as a task for :func:`helpers.parallel.run_parallel`.
-
-    ``seed`` fixes everything random: the client partition (``book_partition(train.y, partition,
-    seed=seed)``: ``train`` must be the full training set), the initial weights (``seed_everything(seed)``
-    before building ``model``: ``"cnn"`` is :class:`~helpers.models.SmallCNN`, ``"mlp"`` is
-    ``MLP(hidden=(200,))``) and client sampling and shuffling (``config.seed`` is replaced by ``seed``).
-    Two methods run with the same ``seed`` are therefore a *paired* comparison. ``capture=(round, cid)``
-    keeps the upload payload of client ``cid`` in that round (after its codec and error feedback).
-    The other arguments are :func:`~helpers.federated.run_federated`'s.
-    """
-    from .experiment import book_partition   # experiment imports plots; keep it out of import time
-
-    if model not in ("cnn", "mlp"):
-        raise ValueError(f"model must be 'cnn' or 'mlp', got {model!r}")
-    if not isinstance(config, FedConfig):
-        raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
-    parts = book_partition(train.y, partition, seed=seed)
-    seed_everything(seed)
-    net = SmallCNN() if model == "cnn" else MLP(hidden=(200,))
-    captured: list[bytes] = []
-
-    def keep(round_idx: int, cid: int, payload: bytes) -> bytes:
-        if (round_idx, cid) == capture:
-            captured.append(payload)
-        return payload
-
-    run = run_federated(net, train, parts, test, dataclasses.replace(config, seed=seed), uplink=uplink,
-                        downlink=downlink, error_feedback=error_feedback, strategy=strategy,
-                        transmit=keep if capture is not None else None, label=label)
-    if capture is not None and not captured:
-        raise ValueError(f"capture={capture!r} names no upload of this run (rounds 1..{config.rounds}, "
-                         f"clients 0..{len(parts) - 1}, sampled that round)")
-    return SeedRun(seed=seed, run=run, payload=captured[0] if captured else None)
 
 
 # ---- structured (channel) pruning during FedAvg (Chapter 5) -----------------------------------------------

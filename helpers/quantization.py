@@ -17,8 +17,8 @@ step's gradient is scaled by :math:`g = 1/\sqrt{N\,Q}`.
 
 Three rules for a fixed step (:data:`STEP_RULES`): max-abs (nothing clipped), MSE-optimal
 (:func:`mse_scale`: the :math:`\Delta` minimising :math:`\lVert w - Q_\Delta(w)\rVert^2`, clipping
-allowed) and LSQ's initial step (:func:`lsq_init_scale`). The end of the module holds Chapter 2's
-experiments as importable tasks for :func:`helpers.parallel.run_parallel`.
+allowed) and LSQ's initial step (:func:`lsq_init_scale`). Chapter 2's experiments live in
+:mod:`helpers.chapters.ch2`.
 """
 
 from __future__ import annotations
@@ -64,8 +64,6 @@ __all__ = [
     "ptq_model",
     "lsq_steps",
     "QATFedAvg",
-    "fedavg_task",
-    "qat_task",
 ]
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
@@ -481,8 +479,34 @@ def export_integer(model: nn.Module) -> dict[str, torch.Tensor]:
 def integer_model(template: nn.Module, exported: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild a model from :func:`export_integer`'s tensors: ``template`` (the LSQ model or its float
     original) gives the architecture; each LSQ layer becomes an :class:`IntegerLinear`/:class:`IntegerConv2d`."""
+    if not isinstance(template, nn.Module):
+        raise TypeError(f"template must be an nn.Module, got {type(template).__name__}")
+    if not isinstance(exported, dict) or not all(isinstance(v, torch.Tensor) for v in exported.values()):
+        raise TypeError("exported must be the dict of tensors that export_integer returns")
     model = copy.deepcopy(template)
     names = sorted({k[:-len(".codes")] for k in exported if k.endswith(".codes")})
+    if not names:
+        raise ValueError("exported has no '<layer>.codes' tensors: pass what export_integer returns")
+    modules = dict(model.named_modules())
+    for name in names:
+        old = modules.get(name)
+        if old is None:
+            raise ValueError(f"exported holds layer {name!r}, which template ({type(template).__name__}) does "
+                             f"not have: export and template come from different architectures")
+        if f"{name}.step" not in exported:
+            raise ValueError(f"exported has {name!r}.codes but no {name!r}.step")
+        weight = getattr(old, "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(exported[f"{name}.codes"].shape):
+            raise ValueError(f"exported[{name + '.codes'!r}] has shape {tuple(exported[name + '.codes'].shape)}, "
+                             f"template's layer {name!r} has weight shape "
+                             f"{None if weight is None else tuple(weight.shape)}")
+    own = model.state_dict()
+    for key, value in exported.items():
+        if any(key.startswith(n + ".") for n in names):
+            continue
+        if key not in own or tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"exported[{key!r}] does not match template ({type(template).__name__}): "
+                             f"{'no such tensor' if key not in own else f'shape {tuple(own[key].shape)}'}")
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -562,80 +586,3 @@ class QATFedAvg(FedAvg):
         return self.steps
 
 
-# ---- Chapter 2's experiments as tasks for helpers.parallel.run_parallel ------------------------
-
-class _KeepState(FedAvg):
-    """FedAvg that keeps a copy of the global float state after round ``keep_after``."""
-
-    def __init__(self, keep_after: int | None) -> None:
-        super().__init__()
-        self.keep_after, self.kept = keep_after, None
-
-    def before_round(self, round_idx: int, server) -> None:
-        if self.keep_after is not None and round_idx == self.keep_after + 1:
-            self.kept = server.state
-
-
-def _book_run_inputs(seed: int):
-    """(train, test, val, partition) of the book's setting for ``seed`` (the partition depends on it)."""
-    from .experiment import book_data, book_partition, validation_split
-
-    train, test = book_data()
-    _, val_idx = validation_split(len(train))
-    return train, test, train.subset(val_idx), book_partition(train.y, "dirichlet", seed=seed)
-
-
-def fedavg_task(*, seed: int, lr: float, rounds: int = 3, fraction: float = 1.0, bits: int | None = None,
-                stochastic: bool = False, error_feedback: bool = False, keep_after: int | None = None,
-                hidden: tuple[int, ...] = (200,)) -> dict:
-    """One FedAvg run of the MLP in the book's setting for ``seed`` (partition, initialisation, sampling and
-    the codec's draws), scored on the validation split *and* the test set after the last round.
-
-    ``bits=None`` uploads float32, else ``QuantizedCodec(bits, stochastic=stochastic, seed=seed)``.
-    Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``state`` (the final
-    global float state) and ``kept`` (the global state after round ``keep_after``, or None)."""
-    from .codecs import QuantizedCodec
-    from .experiment import book_config
-    from .federated import run_federated
-    from .models import MLP
-    from .reproducibility import seed_everything
-    from .training import evaluate, float_state
-
-    train, test, val, parts = _book_run_inputs(seed)
-    seed_everything(seed)
-    model = MLP(hidden=tuple(hidden))
-    cfg = book_config(seed=seed, lr=lr, rounds=rounds, fraction=fraction, eval_every=rounds)
-    uplink = None if bits is None else QuantizedCodec(bits, stochastic=stochastic, seed=seed)
-    keep = _KeepState(keep_after)
-    run = run_federated(model, train, parts, val, cfg, uplink=uplink, error_feedback=error_feedback, strategy=keep)
-    return {"val_acc": run.history.final_accuracy, "test_acc": evaluate(run.model, test)[1],
-            "bytes_up": run.history.bytes_up_per_client, "state": float_state(run.model), "kept": keep.kept}
-
-
-def qat_task(*, seed: int, lr: float, start: dict[str, torch.Tensor], bits: int, learn_step: bool = True,
-             rounds: int = 2, packed_upload: bool = True, hidden: tuple[int, ...] = (200,)) -> dict:
-    """Federated QAT of the MLP for ``rounds`` rounds from the float state ``start``, per-channel LSQ steps
-    (learned, or frozen at LSQ's initial value with ``learn_step=False``); clients upload their quantized
-    weights with ``QATUploadCodec(bits)`` (or float32 updates with ``packed_upload=False``).
-
-    Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``state`` (the final LSQ
-    model's state dict), ``steps`` (the global steps at rounds 0..R), ``rejected`` uploads and
-    ``floor_hits`` (channel-steps :class:`QATFedAvg` kept at its minimum step)."""
-    from .codecs.quantized import QATUploadCodec
-    from .experiment import book_config
-    from .federated import run_federated
-    from .models import MLP
-    from .training import evaluate
-
-    train, test, val, parts = _book_run_inputs(seed)
-    net = MLP(hidden=tuple(hidden))
-    net.load_state_dict(start)
-    lsq = swap_to_lsq(net, bits, per_channel=True, learn_step=learn_step)
-    strategy = QATFedAvg()
-    cfg = book_config(seed=seed, lr=lr, rounds=rounds, eval_every=rounds)
-    run = run_federated(lsq, train, parts, val, cfg, uplink=QATUploadCodec(bits) if packed_upload else None,
-                        strategy=strategy)
-    return {"val_acc": run.history.final_accuracy, "test_acc": evaluate(run.model, test)[1],
-            "bytes_up": run.history.bytes_up_per_client, "state": dict(run.model.state_dict()),
-            "steps": strategy.finish(run.model), "rejected": len(run.server.rejected),
-            "floor_hits": strategy.floor_hits}

@@ -42,7 +42,6 @@ __all__ = [
     "RoundTiming",
     "DeadlineFedAvg",
     "time_to_accuracy",
-    "systems_task",
 ]
 
 PHONE_COMPUTE_MEDIAN = 500.0
@@ -274,28 +273,3 @@ def time_to_accuracy(timings: Sequence[RoundTiming], accuracies: Sequence[float]
     return math.inf
 
 
-def systems_task(*, seed: int, train, test, partition: Sequence[torch.Tensor], config: FedConfig,
-                 policy: str, deadline: float | None, codec: str = "float32", profile_seed: int | None = None,
-                 label: str = "") -> dict:
-    """One run of the chapter's straggler experiment, as a :func:`helpers.parallel.run_parallel` task:
-    the book's MLP, the profiles drawn with ``profile_seed`` (default ``seed``), ``policy``/``deadline``
-    as in :class:`DeadlineFedAvg`, and the uplink ``codec``: ``"float32"``, ``"q4"`` (4-bit
-    :class:`~helpers.codecs.QuantizedCodec`) or ``"topk"`` (top-10% + error feedback).
-    Returns the per-round test ``acc``, the ``timings`` and the ``history``."""
-    from .codecs import Float32Codec, QuantizedCodec, TopKCodec
-    from .federated import run_federated
-    from .models import MLP
-    from .reproducibility import seed_everything
-
-    codecs = {"float32": (Float32Codec, False), "q4": (lambda: QuantizedCodec(4), False),
-              "topk": (lambda: TopKCodec(0.1), True)}
-    if codec not in codecs:
-        raise ValueError(f"codec must be one of {sorted(codecs)}, got {codec!r}")
-    make, ef = codecs[codec]
-    cfg = dataclasses.replace(config, seed=seed)
-    profiles = draw_profiles(len(partition), seed if profile_seed is None else profile_seed)
-    strategy = DeadlineFedAvg(profiles, cfg, [len(p) for p in partition], policy=policy, deadline=deadline)
-    seed_everything(seed)
-    run = run_federated(MLP(), train, partition, test, cfg, uplink=make(), error_feedback=ef, strategy=strategy,
-                        label=label)
-    return {"acc": run.history.column("test_acc"), "timings": strategy.log, "history": run.history}

@@ -103,3 +103,23 @@ def test_split_indices_is_disjoint(fmnist_train):
     assert len(set(rest.tolist()) & set(held.tolist())) == 0
     with pytest.raises(ValueError):
         split_indices(100, 1.5, seed=0)
+
+
+def test_the_idx_reader_matches_torchvision_and_rejects_other_files(fmnist_train, fmnist_test, tmp_path):
+    """The loader reads the idx files itself (torchvision is needed only to download them): same tensors."""
+    from torchvision import datasets
+
+    from helpers.data import default_data_root, read_idx
+
+    for train, ds in ((True, fmnist_train), (False, fmnist_test)):
+        tv = datasets.FashionMNIST(default_data_root(), train=train, download=False)
+        assert torch.equal(tv.targets, ds.y)
+        assert torch.equal(tv.data.unsqueeze(1).float().div(255.0).sub(0.2860).div(0.3530), ds.x)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x03" + b"\x00" * 16)      # float32 idx: not ours
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x01\x02")
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "ok").write_bytes(b"\x00\x00\x08\x02" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(range(6)))
+    assert read_idx(tmp_path / "ok").tolist() == [[0, 1, 2], [3, 4, 5]]

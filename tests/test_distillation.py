@@ -172,7 +172,7 @@ def test_consensus_is_the_sample_weighted_mean_of_client_logits(small_train, sma
 
 # --------------------------------------------------------------------------- Chapter 4's task functions
 
-from helpers.distillation import chapter_task, federated_task, logit_exchange_task  # noqa: E402
+from helpers.chapters.ch4 import chapter_task, federated_task, logit_exchange_task  # noqa: E402
 from helpers.models import build_model  # noqa: E402
 from helpers.parallel import run_parallel  # noqa: E402
 

@@ -10,6 +10,7 @@ from helpers.training import float_state, local_train
 from helpers.models import MLP, SmallCNN, count_parameters
 from helpers.codecs import SparseCodec
 from helpers import pruning
+from helpers.chapters import ch3
 
 
 @pytest.fixture
@@ -173,11 +174,11 @@ def test_run_seed_pairs_runs_by_seed_and_returns_the_pruner(fmnist_train, small_
     seed a different one; the strategy (with its masks and log) and a captured upload come back."""
     cfg = FedConfig(rounds=2, local_steps=3, batch_size=16, lr=0.02, momentum=0.9, seed=99)
     kw = dict(model="mlp", train=fmnist_train, test=small_test, config=cfg)
-    a = pruning.run_seed(seed=1, capture=(2, 0), uplink=SparseCodec(), downlink=SparseCodec(),
+    a = ch3.run_seed(seed=1, capture=(2, 0), uplink=SparseCodec(), downlink=SparseCodec(),
                          strategy=pruning.FederatedPruner(0.5, begin=1, end=2), **kw)
-    b = pruning.run_seed(seed=1, capture=(2, 0), uplink=SparseCodec(), downlink=SparseCodec(),
+    b = ch3.run_seed(seed=1, capture=(2, 0), uplink=SparseCodec(), downlink=SparseCodec(),
                          strategy=pruning.FederatedPruner(0.5, begin=1, end=2), **kw)
-    c = pruning.run_seed(seed=2, **kw)
+    c = ch3.run_seed(seed=2, **kw)
     sa, sb, sc = a.run.model.state_dict(), b.run.model.state_dict(), c.run.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and a.payload == b.payload
     assert not all(torch.equal(sa[k], sc[k]) for k in sa) and c.payload is None
@@ -194,6 +195,6 @@ def test_run_seed_pairs_runs_by_seed_and_returns_the_pruner(fmnist_train, small_
     val = set(validation_split(len(fmnist_train))[1].tolist())
     assert not val & set(torch.cat(book_partition(fmnist_train.y, seed=1)).tolist())
     with pytest.raises(ValueError, match="model"):
-        pruning.run_seed(seed=0, model="resnet", train=fmnist_train, test=small_test, config=cfg)
+        ch3.run_seed(seed=0, model="resnet", train=fmnist_train, test=small_test, config=cfg)
     with pytest.raises(ValueError, match="capture"):
-        pruning.run_seed(seed=0, capture=(5, 0), **kw)
+        ch3.run_seed(seed=0, capture=(5, 0), **kw)

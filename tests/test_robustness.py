@@ -220,3 +220,49 @@ def test_packed_int_codec_rejects_mismatched_kinds():
     payload = forge(codec.codec_id, [("c", torch.int8, (4,), struct.pack("<BB", 0, 32) + b"\x00" * 16)])
     with pytest.raises(PayloadError):
         codec.decode(payload)
+
+
+def test_the_held_out_bad_inputs_raise_clear_errors_naming_the_parameter(small_train):
+    """Four inputs a new user tried, each of which used to fail deep inside numpy or torch."""
+    from helpers.data import label_histogram
+    from helpers.federated import Client
+    from helpers.models import SmallCNN
+    from helpers.quantization import export_integer, integer_model, swap_to_lsq
+
+    with pytest.raises(ValueError, match="labels is empty.*num_classes"):
+        label_histogram(torch.zeros(0, dtype=torch.long), [])
+    assert label_histogram(torch.zeros(0, dtype=torch.long), [torch.zeros(0, dtype=torch.long)],
+                           num_classes=3).tolist() == [[0, 0, 0]]
+    with pytest.raises(ValueError, match=r"partition\[1\]"):
+        label_histogram(small_train.y, [torch.arange(3), torch.tensor([len(small_train)])])
+
+    # Server.apply: one update (so check_updates has nothing to compare against) missing a tensor
+    seed_everything(0)
+    server = Server(SmallCNN())
+    update = {k: torch.zeros_like(v) for k, v in server.state.items()}
+    before = server.state
+    del update["features.0.bias"]
+    with pytest.raises(ValueError, match=r"updates\[0\].*features\.0\.bias"):
+        server.apply([update], [1.0])
+    assert all(torch.equal(before[k], v) for k, v in server.state.items())   # nothing was applied
+    wrong_shape = {k: torch.zeros(3) if k == "features.0.bias" else torch.zeros_like(v)
+                   for k, v in server.state.items()}
+    with pytest.raises(ValueError, match=r"updates\[0\]\['features\.0\.bias'\] has shape"):
+        server.apply([wrong_shape], [1.0])
+
+    # integer_model with an export of another architecture
+    exported = export_integer(swap_to_lsq(MLP(hidden=(16,)), 4))
+    with pytest.raises(ValueError, match="exported.*template.*SmallCNN"):
+        integer_model(SmallCNN(), exported)
+    with pytest.raises(TypeError, match="template"):
+        integer_model("SmallCNN", exported)
+
+    # Client.local_update with another model's state: ValueError naming the tensor, before any training
+    client = Client(0, torch.arange(64))
+    mlp_state = float_state(MLP(hidden=(16,)))
+    with pytest.raises(ValueError, match="start_state"):
+        client.local_update(SmallCNN(), mlp_state, small_train, FedConfig(rounds=1), 1)
+    cnn_state = float_state(SmallCNN())
+    cnn_state["classifier.2.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"start_state\['classifier\.2\.weight'\] has shape"):
+        client.local_update(SmallCNN(), cnn_state, small_train, FedConfig(rounds=1), 1)

@@ -1,0 +1,80 @@
+r"""Chapter 4's runs: FedAvg of a student (with or without a teacher's logits) and logit exchange on a
+public set, one seed each, as tasks for :func:`helpers.parallel.run_parallel`
+(one seed = partition + initialisation + sampling)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from ..codecs import Codec
+from ..data import TensorDataset
+from ..distillation import KDLoss, run_logit_exchange
+from ..experiment import book_partition
+from ..federated import FedConfig, run_federated
+from ..models import build_model
+from ..reproducibility import seed_everything
+from ..training import evaluate
+
+__all__ = ["federated_task", "logit_exchange_task", "chapter_task"]
+
+
+def federated_task(*, seed: int, arch: str, train: TensorDataset, pool: torch.Tensor, test: TensorDataset,
+                   val_idx: torch.Tensor, config: FedConfig, partition: str = "dirichlet",
+                   teacher_logits: torch.Tensor | None = None, alpha: float = 0.5, temperature: float = 1.0,
+                   label: str = "") -> dict:
+    """One seed of FedAvg on a fresh ``arch`` (:func:`helpers.models.build_model`), for
+    :func:`helpers.parallel.run_parallel`.
+
+    The seed fixes the partition of ``pool`` (``book_partition(..., seed=seed)``), the initialisation
+    (``seed_everything(seed)`` before the model is built) and the sampling/shuffling (``config.seed``).
+    With ``teacher_logits`` (indexed like ``train``) the clients' local loss is :class:`KDLoss`
+    (``alpha``, ``temperature``); without, plain cross-entropy. Returns the final global ``model``, its
+    ``history`` (test accuracy per round), and its accuracy on the validation images ``train[val_idx]``
+    (for choosing hyper-parameters; indices, so a task pickles in a few bytes) and on ``test`` (for reporting).
+    """
+    parts = book_partition(train.y, partition, seed=seed, pool=pool)
+    seed_everything(seed)
+    model = build_model(arch, num_classes=train.num_classes)
+    loss_fn = None if teacher_logits is None else KDLoss(teacher_logits, alpha, temperature)
+    run = run_federated(model, train, parts, test, dataclasses.replace(config, seed=seed), loss_fn=loss_fn,
+                        label=label)
+    return {"model": run.model, "history": run.history, "val_acc": evaluate(run.model, train.subset(val_idx))[1],
+            "test_acc": run.history.final_accuracy}
+
+
+def logit_exchange_task(*, seed: int, archs: Sequence[str], train: TensorDataset, pool: torch.Tensor,
+                        public: torch.Tensor, test: TensorDataset, config: FedConfig, partition: str = "dirichlet",
+                        share: bool = True, codec: Codec | None = None, temperature: float = 1.0,
+                        distill_epochs: int = 2, label: str = "") -> dict:
+    """One seed of :func:`run_logit_exchange` for :func:`helpers.parallel.run_parallel`: client k gets a
+    fresh ``archs[k]``, the seed fixes partition, initialisation and shuffling as in :func:`federated_task`;
+    ``public`` are training-set indices whose *images only* are used. Returns the run's ``history``, the
+    clients' final test accuracies, the mean over clients and the uplink bytes per client per round."""
+    public = torch.as_tensor(public, dtype=torch.long)
+    if bool(torch.isin(public, torch.as_tensor(pool, dtype=torch.long)).any()):
+        raise ValueError("public overlaps the client pool: carve it out of the pool first (public_split)")
+    parts = book_partition(train.y, partition, seed=seed, pool=pool)
+    if len(archs) != len(parts):
+        raise ValueError(f"{len(archs)} architectures for {len(parts)} clients")
+    seed_everything(seed)
+    models = [build_model(a, num_classes=train.num_classes) for a in archs]
+    run = run_logit_exchange(models, train, parts, train.x[public], test,
+                             dataclasses.replace(config, seed=seed), codec=codec, share=share,
+                             temperature=temperature, distill_epochs=distill_epochs, label=label)
+    return {"history": run.history, "client_accuracies": run.client_accuracies,
+            "mean_acc": run.history.final_accuracy, "bytes_up_per_client": run.history.bytes_up_per_client}
+
+
+_TASKS = {"fedavg": federated_task, "logit_exchange": logit_exchange_task}
+
+
+def chapter_task(job: str, **kwargs) -> dict:
+    """``federated_task(**kwargs)`` (``job="fedavg"``) or ``logit_exchange_task(**kwargs)``
+    (``job="logit_exchange"``): one function, so a single :func:`helpers.parallel.run_parallel` call can
+    mix both kinds of run and keep every core busy."""
+    if job not in _TASKS:
+        raise ValueError(f"job must be one of {sorted(_TASKS)}, got {job!r}")
+    return _TASKS[job](**kwargs)
