@@ -1,32 +1,18 @@
 r"""Run independent experiments (seeds, sweep points, methods) side by side, one torch thread each.
 
-The book's models are small: a second torch thread in one process buys little (and stalls on a busy
-machine), while two single-threaded processes each run at full speed. So :func:`run_parallel` runs
-*whole runs* in parallel with `joblib <https://joblib.readthedocs.io>`_ (its ``loky`` process backend)::
+The book's models are small: two single-threaded processes do more than one process on two threads (and a
+second thread stalls on a busy machine). :func:`run_parallel` is a thin wrapper over ``joblib.Parallel``
+(loky processes; functions travel by cloudpickle, so one defined in a notebook cell works; workers are reused
+between calls; ``joblib.parallel_config(backend="dask")`` sends the same sweep to a cluster). It adds the
+book's guarantees, each checked by ``tests/test_parallel.py``:
 
-    def one_seed(seed: int, lr: float) -> dict:      # in a notebook cell or any module
-        helpers.seed_everything(seed)                # tasks seed themselves
-        ...                                          # build the model, run_federated(...)
-        return {"acc": run.history.final_accuracy}
+* every task starts from one torch thread and the global RNGs at seed 0, whichever worker runs it, so the
+  results are bit-identical to a 1-thread loop in one process (tasks seed themselves: pass the seed);
+* ``FLBOOK_WORKERS=N`` caps the workers; ``FLBOOK_WORKERS=1`` runs here, on copies of the arguments, and
+  restores the caller's threads and RNGs (Colab's free tier, Binder, debugging);
+* one progress line per finished task; a failing task raises :class:`RunFailed` naming its label.
 
-    results = run_parallel(one_seed, [dict(seed=s, lr=0.04) for s in (0, 1, 2)],
-                           labels=[f"seed {s}" for s in (0, 1, 2)])
-
-What this wrapper adds to ``joblib.Parallel``, each checked by ``tests/test_parallel.py``:
-
-* every task starts from the same state, whichever worker runs it: one torch thread and the global RNGs
-  (``random``, NumPy, torch) at seed 0, so results are bit-identical to a 1-thread loop in one process;
-* ``FLBOOK_WORKERS=N`` caps the workers; ``FLBOOK_WORKERS=1`` runs in this process (Colab's free tier,
-  Binder, debugging), still on copies of the arguments, with the caller's threads and RNGs restored;
-* one progress line per finished task (``[done/total] label: seconds``); a failing task raises
-  :class:`RunFailed` naming its label, with the original error as ``__cause__`` and its traceback.
-
-Functions travel by ``cloudpickle``, so a function defined in a notebook cell works; the workers are
-reused from one call to the next. To run a sweep on a cluster, wrap the call in
-``joblib.parallel_config(backend="dask")`` (or ``"ray"``): the tasks then go to that backend unchanged.
-A loaded dataset from :func:`helpers.data.load_dataset` pickles as "load it again" (a few bytes), so
-passing the full training set is free; treat it as read-only. A worker's prints do not reach the cell:
-return what you need.
+A dataset from :func:`helpers.data.load_dataset` pickles as "load it again", so passing it is free.
 """
 
 from __future__ import annotations
@@ -50,13 +36,13 @@ __all__ = ["run_parallel", "RunFailed", "available_cpus", "default_workers"]
 
 
 class RunFailed(RuntimeError):
-    """A task raised. ``label`` names it; ``exc_type`` and ``message`` describe the original error (also the
-    ``__cause__`` when it could be sent back) and ``remote_traceback`` is where it was raised."""
+    """A task raised: ``label`` names it, ``exc_type``/``message`` the error (its ``__cause__`` when it could be
+    sent back), ``remote_traceback`` where it was raised."""
 
     def __init__(self, label: str, exc_type: str, message: str, remote_traceback: str) -> None:
         self.label, self.exc_type, self.message, self.remote_traceback = label, exc_type, message, remote_traceback
-        super().__init__(f"task {label!r} failed with {exc_type}: {message}\n\n"
-                         f"--- traceback of the task ---\n{remote_traceback.rstrip()}")
+        super().__init__(f"task {label!r} failed with {exc_type}: {message}\n\n--- traceback of the task ---\n"
+                         f"{remote_traceback.rstrip()}")
 
 
 def available_cpus() -> int:
@@ -88,11 +74,11 @@ def _run_task(fn: Callable, task: Mapping[str, Any], index: int) -> tuple:
     try:
         return index, "ok", fn(**task), time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 -- it goes back to the caller, labelled
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
         try:
             pickle.dumps(exc)
-        except Exception:  # noqa: BLE001 -- an exception that does not pickle still sends its text
-            exc = None
-        kind = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.") if exc else "Exception"
+        except Exception:  # noqa: BLE001 -- an exception that does not pickle still sends its type and text
+            return index, "error", (kind, str(exc), traceback.format_exc(), None), time.perf_counter() - t0
         return index, "error", (kind, str(exc), traceback.format_exc(), exc), time.perf_counter() - t0
 
 

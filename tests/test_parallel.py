@@ -167,6 +167,7 @@ def test_an_error_that_does_not_pickle_still_names_the_task():
     with pytest.raises(RunFailed, match="seed 1 is cursed") as info:
         run_parallel(failing, [dict(seed=0), dict(seed=1)], workers=2, labels=["ok", "cursed"], progress=False)
     assert info.value.label == "cursed" and "Unpicklable" in info.value.remote_traceback
+    assert info.value.message == "seed 1 is cursed" and info.value.exc_type.endswith("Unpicklable")
 
 
 def test_bad_arguments_are_named(monkeypatch):
