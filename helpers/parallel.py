@@ -82,13 +82,19 @@ def _run_task(fn: Callable, task: Mapping[str, Any], index: int) -> tuple:
         return index, "error", (kind, str(exc), traceback.format_exc(), exc), time.perf_counter() - t0
 
 
+def _copy(obj: Any) -> Any:
+    """What a worker would receive: a copy of the caller's own object through pickle, in this process (a
+    dataset from ``load_dataset`` comes back as itself). Never bytes from outside: nothing here is a payload."""
+    return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _in_process(fn: Callable, tasks: Sequence[Mapping[str, Any]]):
     """The tasks one after another here, on copies of their arguments; the caller's threads and RNGs kept."""
     threads, rngs = torch.get_num_threads(), (random.getstate(), np.random.get_state(), torch.get_rng_state())
     try:
         for i, task in enumerate(tasks):
-            index, status, value, seconds = _run_task(fn, pickle.loads(pickle.dumps(dict(task))), i)
-            yield index, status, pickle.loads(pickle.dumps(value)) if status == "ok" else value, seconds
+            index, status, value, seconds = _run_task(fn, _copy(dict(task)), i)
+            yield index, status, _copy(value) if status == "ok" else value, seconds
     finally:
         torch.set_num_threads(threads)
         random.setstate(rngs[0]), np.random.set_state(rngs[1]), torch.set_rng_state(rngs[2])
