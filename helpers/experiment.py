@@ -18,21 +18,29 @@ from typing import Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 
+from IPython.display import Markdown
+
 from . import plots
 from .data import TensorDataset, load_dataset, partition_dirichlet, partition_iid, partition_shards, split_indices
+from .glue import glue
 from .federated import FedConfig, run_federated
 from .models import MLP, SmallCNN
 from .reproducibility import seed_everything
+from .stats import Paired, paired, simplest_equivalent
 
 __all__ = ["BOOK_SEED", "NUM_CLIENTS", "DIRICHLET_ALPHA", "SHARDS_PER_CLIENT", "VAL_SIZE", "THREADS", "CNN_LR",
            "MLP_LR", "SEEDS", "BookData", "book_data", "validation_split", "book_partition", "book_config",
-           "chapter_setup", "DRIFT", "PairedComparison", "paired_comparison",
-           "simplest_within_noise", "fedavg_seed"]
+           "chapter_setup", "DRIFT", "MARGIN_PP", "SEEDS_LONG", "compare", "is_firm", "choose_setting", "glue_comparison",
+           "fedavg_seed"]
 
 K = TypeVar("K")
 
 BOOK_SEED = 0
-SEEDS = (0, 1, 2)          # the seeds behind every comparison (seed = partition + initialisation + sampling)
+SEEDS = (0, 1, 2, 3, 4, 5)
+"""The seeds behind every comparison of runs that take a few seconds (the MLP's 3 rounds); a seed fixes the
+partition, the initialisation and the sampling. With 6 pairs the exact sign-flip test can reach p = 2/64."""
+SEEDS_LONG = (0, 1, 2)
+"""The seeds of the longer runs (the CNN; Chapter 6's 8-10 round sweeps): at least 3, as the budget allows."""
 NUM_CLIENTS = 10
 DIRICHLET_ALPHA = 0.5
 SHARDS_PER_CLIENT = 2
@@ -115,91 +123,44 @@ DRIFT = 0.005
 by 0.1-0.4 pp. On an AMD EPYC machine (AVX2, other BLAS code paths) against the same Intel machine, float32 runs
 moved by 0.1-0.6 pp, and runs that amplify rounding (2-bit QAT, partial participation) by up to 2 pp: their
 trajectories part after the first differing bit, and the final accuracy is a new draw of the seed's noise.
-Moving every accuracy by 0.5 pp moves a paired difference, and the spread, by up to 1 pp each. A verdict is
-*firm* when it survives that (:meth:`PairedComparison.firm`); the chaotic ones rarely are, and the chapters word
-them from the numbers instead of pinning them."""
+A verdict of :func:`compare` is *firm* when it survives every accuracy moving by this much
+(:meth:`helpers.stats.Paired.firm`); chapters assert firm verdicts and word the others from their numbers."""
+
+MARGIN_PP = 0.5
+"""The equivalence margin of every accuracy comparison in the book, in percentage points, stated before any
+run: two methods whose true mean accuracies differ by less than half a point are, for this book's
+purposes, equally good (a reader choosing between them would decide on bytes or compute instead).
+The chapters' learning-rate, threshold and temperature choices use the same margin."""
 
 
-@dataclass(frozen=True)
-class PairedComparison:
-    """Method a against method b on the same seeds (see :func:`paired_comparison`); accuracies as fractions."""
-
-    diffs: tuple[float, ...]   # a - b, seed by seed
-    mean: float                # mean paired difference
-    min: float
-    max: float
-    spread: float              # the larger min..max range of the two methods' own accuracies
-    conclusive: bool           # the book's rule: same sign on every seed and |mean| > spread
-
-    @property
-    def verdict(self) -> str:
-        if not self.conclusive:
-            return "indistinguishable at this budget"
-        return "a better" if self.mean > 0 else "b better"
-
-    def firm(self, drift: float = DRIFT) -> bool:
-        r"""Whether the verdict survives moving every accuracy by up to ``drift`` in either direction.
-
-        Each :math:`d_i` and the mean then move by at most :math:`2\,\mathrm{drift}`, and so does the spread.
-        A conclusion is firm when :math:`\min_i |d_i| > 2\,\mathrm{drift}` and
-        :math:`|\bar d| - \mathrm{spread} > 4\,\mathrm{drift}`; "indistinguishable" is firm when some
-        :math:`d_i` lie beyond :math:`\pm 2\,\mathrm{drift}` on both sides, or when
-        :math:`\mathrm{spread} - |\bar d| > 4\,\mathrm{drift}`. Chapters assert firm verdicts and compute
-        (glue) the words of the others, which may read differently on another machine."""
-        if drift < 0:
-            raise ValueError(f"drift must be >= 0, got {drift}")
-        if self.conclusive:
-            return min(abs(d) for d in self.diffs) > 2 * drift and abs(self.mean) - self.spread > 4 * drift
-        both_signs = self.min < -2 * drift and self.max > 2 * drift
-        return both_signs or self.spread - abs(self.mean) > 4 * drift
-
-    def explain(self, a: str, b: str) -> str:
-        """The verdict in words, with its numbers (pp), for the prose: ``a`` and ``b`` name the two methods."""
-        rng = f"{100 * self.min:+.2f} to {100 * self.max:+.2f} pp"
-        mean, spread = f"{100 * self.mean:+.2f} pp", f"{100 * self.spread:.2f} pp"
-        if self.conclusive:
-            winner, loser = (a, b) if self.mean > 0 else (b, a)
-            return (f"{winner} is better than {loser}: every seed favours it ({rng}) and the mean difference, "
-                    f"{mean}, exceeds the {spread} spread of the accuracies")
-        if self.min > 0 or self.max < 0:
-            favoured = a if self.mean > 0 else b
-            return (f"{a} and {b} are indistinguishable at this budget: every seed favours {favoured} ({rng}), "
-                    f"but the mean difference, {mean}, does not exceed the {spread} spread of the accuracies")
-        return (f"{a} and {b} are indistinguishable at this budget: the paired differences change sign "
-                f"({rng}; mean {mean}, spread of the accuracies {spread})")
+def compare(a: Sequence[float], b: Sequence[float], *, margin_pp: float = MARGIN_PP) -> Paired:
+    """Method A's accuracies ``a`` against method B's ``b`` on the same seeds (fractions, seed by seed):
+    :func:`helpers.stats.paired` with the book's margin (95% t-interval, sign-flip test, TOST)."""
+    return paired(a, b, margin_pp=margin_pp)
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float]) -> PairedComparison:
-    r"""The book's one rule for comparisons. ``a[i]`` and ``b[i]`` are the two methods' accuracies on seed i
-    (same partition, initialisation and sampling). With paired differences :math:`d_i = a_i - b_i`, a
-    conclusion is drawn only when every :math:`d_i` has the same sign and
-    :math:`|\bar d| > \max(\mathrm{range}(a), \mathrm{range}(b))`, the spread of the accuracies themselves."""
-    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a_arr.ndim != 1 or a_arr.shape != b_arr.shape or len(a_arr) < 2:
-        raise ValueError(f"a and b must be equally long sequences of ≥ 2 paired results, got {len(a)} and {len(b)}")
-    d = a_arr - b_arr
-    spread = max(float(np.ptp(a_arr)), float(np.ptp(b_arr)))
-    same_sign = bool(np.all(d > 0) or np.all(d < 0))
-    return PairedComparison(diffs=tuple(float(x) for x in d), mean=float(d.mean()), min=float(d.min()),
-                            max=float(d.max()), spread=spread, conclusive=same_sign and abs(float(d.mean())) > spread)
+def is_firm(c: Paired, drift: float = DRIFT) -> bool:
+    """Whether ``c``'s verdict survives every accuracy moving by ``drift`` (a fraction, default :data:`DRIFT`)."""
+    return c.firm(100 * drift)
 
 
-def simplest_within_noise(scores: Mapping[K, Sequence[float]]) -> K:
-    """Choose a setting on validation: the first key of ``scores`` (list them simplest first) that is not
-    worse than the best mean by the book's rule, i.e. whose :func:`paired_comparison` with the best setting
-    is not a conclusion against it. ``scores[k]`` holds setting k's validation accuracies, one per seed.
+def choose_setting(scores: Mapping[K, Sequence[float]], *, margin_pp: float = MARGIN_PP) -> K:
+    """Choose a setting on validation: the simplest (first key) whose validation accuracies are equivalent
+    to the best mean's within ``margin_pp`` (:func:`helpers.stats.simplest_equivalent`), the best if none is.
 
-    Taking the plain maximum of the means picks among settings that the seeds cannot tell apart, so the
-    choice flips with the last bits of the arithmetic (another CPU); this choice only moves when a simpler
-    setting becomes *measurably* worse."""
-    if not scores:
-        raise ValueError("scores is empty: nothing to choose from")
-    best = max(scores, key=lambda k: float(np.mean(scores[k])))
-    for key, accs in scores.items():
-        against_best = paired_comparison(scores[best], accs)
-        if key == best or not (against_best.conclusive and against_best.mean > 0):
-            return key
-    return best
+    Taking the plain maximum of the means picks among settings the seeds cannot tell apart, so the choice
+    would flip with the last bits of the arithmetic (another CPU)."""
+    return simplest_equivalent(scores, margin_pp=margin_pp)
+
+
+def glue_comparison(name: str, c: Paired, a: str, b: str) -> None:
+    """Glue comparison ``name`` under the book's convention: ``name_diff_pp``, ``name_ci_low_pp``,
+    ``name_ci_high_pp``, ``name_n``, ``name_margin_pp``, ``name_verdict`` (the word), ``name_p`` (the sign-flip
+    p-value) and ``name_explain`` (the verdict in words, Markdown; ``a`` and ``b`` name the methods)."""
+    for key, value in c.glue_values(name).items():
+        glue(key, value, display=False)
+    glue(f"{name}_p", round(c.p_sign_flip, 3), display=False)
+    glue(f"{name}_explain", Markdown(c.explain(a, b)), display=False)
 
 
 def fedavg_seed(*, seed: int, train: TensorDataset, test: TensorDataset, partition: Sequence[torch.Tensor],

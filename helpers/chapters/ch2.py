@@ -47,17 +47,20 @@ def fedavg_task(*, seed: int, lr: float, rounds: int = 3, fraction: float = 1.0,
     the codec's draws), scored on the validation split *and* the test set after the last round.
 
     ``bits=None`` uploads float32, else ``QuantizedCodec(bits, stochastic=stochastic, seed=seed)``.
-    Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``state`` (the final
-    global float state) and ``kept`` (the global state after round ``keep_after``, or None)."""
+    Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``curve`` (after each round:
+    the cumulative uplink bytes of all clients and the validation accuracy), ``state`` (the final global float
+    state) and ``kept`` (the global state after round ``keep_after``, or None)."""
     train, test, val, parts = _book_run_inputs(seed)
     seed_everything(seed)
     model = MLP(hidden=tuple(hidden))
-    cfg = book_config(seed=seed, lr=lr, rounds=rounds, fraction=fraction, eval_every=rounds)
+    cfg = book_config(seed=seed, lr=lr, rounds=rounds, fraction=fraction)
     uplink = None if bits is None else QuantizedCodec(bits, stochastic=stochastic, seed=seed)
     keep = _KeepState(keep_after)
     run = run_federated(model, train, parts, val, cfg, uplink=uplink, error_feedback=error_feedback, strategy=keep)
+    sent = torch.cumsum(torch.tensor([r.bytes_up for r in run.history.rows], dtype=torch.float64), 0)
     return {"val_acc": run.history.final_accuracy, "test_acc": evaluate(run.model, test)[1],
-            "bytes_up": run.history.bytes_up_per_client, "state": float_state(run.model), "kept": keep.kept}
+            "bytes_up": run.history.bytes_up_per_client, "state": float_state(run.model), "kept": keep.kept,
+            "curve": [(float(b), r.test_acc) for b, r in zip(sent, run.history.rows)]}
 
 
 def qat_task(*, seed: int, lr: float, start: dict[str, torch.Tensor], bits: int, learn_step: bool = True,

@@ -1,0 +1,76 @@
+"""The chapters' stored outputs keep the book's comparison convention (CONTRIBUTING, "One rule for comparisons").
+
+Every comparison ``X`` a chapter glues has ``X_diff_pp``, ``X_ci_low_pp``, ``X_ci_high_pp``, ``X_n``,
+``X_margin_pp`` and ``X_verdict``, and the verdict is the one its interval and margin give. No chapter's prose
+calls an undecided comparison "indistinguishable" or "no difference". nbval re-executes the chapters; this
+test reads what they glued when their outputs were last stored, so it costs no training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+FIELDS = ("diff_pp", "ci_low_pp", "ci_high_pp", "n", "margin_pp", "verdict")
+REQUIRED = ["ch1_central_vs_iid", "ch1_iid_vs_dirichlet", "ch2_sr_vs_det_2bit", "ch2_learned_vs_frozen_2bit",
+            "ch2_qat_vs_ptq_2bit", "ch3_dense_vs_gradual", "ch3_top1ef_vs_top1", "ch3_dense_vs_top10ef",
+            "ch4_kd_vs_scratch", "ch6_seen_vs_unseen", "ch6_trimmed_vs_fedavg_signflip"]
+
+
+def glued(path: Path) -> dict[str, str]:
+    """name -> the stored text of every value the notebook glued."""
+    out = {}
+    for cell in json.loads(path.read_text())["cells"]:
+        for o in cell.get("outputs", []):
+            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                data = o["data"]
+                v = data.get("application/papermill.record/text/markdown") or data.get(
+                    "application/papermill.record/text/plain")
+                out[name] = "".join(v) if isinstance(v, list) else v
+    return out
+
+
+ALL = {p.name: glued(p) for p in CHAPTERS}
+
+
+def comparisons() -> list[tuple[str, str]]:
+    return [(chapter, name[: -len("_verdict")]) for chapter, g in ALL.items() for name in g
+            if name.endswith("_verdict") and f"{name[: -len('_verdict')]}_ci_low_pp" in g]
+
+
+def test_the_required_comparisons_are_glued():
+    names = {name for _, name in comparisons()}
+    assert not [r for r in REQUIRED if r not in names]
+
+
+@pytest.mark.parametrize("chapter,name", comparisons())
+def test_each_glued_verdict_follows_from_its_interval_and_margin(chapter, name):
+    g = ALL[chapter]
+    missing = [f for f in FIELDS if f"{name}_{f}" not in g]
+    assert not missing, (chapter, name, missing)
+    low, high = float(g[f"{name}_ci_low_pp"]), float(g[f"{name}_ci_high_pp"])
+    margin, mean = float(g[f"{name}_margin_pp"]), float(g[f"{name}_diff_pp"])
+    verdict = g[f"{name}_verdict"].strip("'\"")
+    assert low <= mean <= high and margin > 0 and int(g[f"{name}_n"]) >= 3, (chapter, name)
+    # the glued bounds are rounded to 2 decimals: a bound within 0.005 of a boundary cannot be checked here
+    near = [abs(x) for x in (low, high, low + margin, high - margin)]
+    if min(near) < 0.006:
+        return
+    expected = ("equivalent" if -margin < low and high < margin else "better" if low > 0 else
+                "worse" if high < 0 else "undecided")
+    assert verdict == expected, (chapter, name, low, high, margin, verdict)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_no_chapter_calls_an_undecided_comparison_equal(path):
+    text = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"])
+    text += "\n".join(ALL[path.name].values())
+    # the words in quotes are allowed: that is the book saying what "undecided" does not mean
+    bad = re.findall(r"[^.\n]*(?<![\"“])\b(?:indistinguishable|no difference)\b[^.\n]*", text, flags=re.IGNORECASE)
+    assert not bad, bad
