@@ -245,3 +245,22 @@ def test_logit_exchange_task_refuses_a_public_set_inside_the_pool(small_train, s
     with pytest.raises(ValueError, match="overlaps"):
         logit_exchange_task(seed=0, archs=["mlp-16"] * 10, train=small_train, pool=pool, public=pool[:100],
                             test=small_test, config=cfg)
+
+
+def test_federated_task_label_smoothing_control_and_uplink_codec(small_train, small_test):
+    """Chapter 4's control for KD (cross-entropy with label smoothing) changes the run but not the payload;
+    an 8-bit uplink shrinks the payload; the two ways to soften the target cannot be mixed."""
+    from helpers.codecs import QuantizedCodec
+
+    pool, val_idx, cfg = _small_setting(small_train)
+    kw = dict(seed=1, arch="mlp-16", train=small_train, pool=pool, test=small_test, val_idx=val_idx, config=cfg)
+    plain, smooth = federated_task(**kw), federated_task(label_smoothing=0.5, **kw)
+    assert not torch.equal(float_state_of(plain["model"])["net.1.weight"], float_state_of(smooth["model"])["net.1.weight"])
+    assert smooth["history"].bytes_up_per_client == plain["history"].bytes_up_per_client
+    q8 = federated_task(uplink=QuantizedCodec(8), **kw)
+    assert q8["history"].bytes_up_per_client < 0.3 * plain["history"].bytes_up_per_client
+    assert q8["test_acc"] > 0.3
+    with pytest.raises(ValueError, match="not both"):
+        federated_task(label_smoothing=0.1, teacher_logits=torch.zeros(len(small_train), 10), **kw)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        federated_task(label_smoothing=1.0, **kw)

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..codecs import Codec
 from ..data import TensorDataset
@@ -24,23 +25,35 @@ __all__ = ["federated_task", "logit_exchange_task", "chapter_task"]
 def federated_task(*, seed: int, arch: str, train: TensorDataset, pool: torch.Tensor, test: TensorDataset,
                    val_idx: torch.Tensor, config: FedConfig, partition: str = "dirichlet",
                    teacher_logits: torch.Tensor | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                   label: str = "") -> dict:
-    """One seed of FedAvg on a fresh ``arch`` (:func:`helpers.models.build_model`), for
+                   label_smoothing: float = 0.0, uplink: Codec | None = None, label: str = "") -> dict:
+    r"""One seed of FedAvg on a fresh ``arch`` (:func:`helpers.models.build_model`), for
     :func:`helpers.parallel.run_parallel`.
 
     The seed fixes the partition of ``pool`` (``book_partition(..., seed=seed)``), the initialisation
     (``seed_everything(seed)`` before the model is built) and the sampling/shuffling (``config.seed``).
     With ``teacher_logits`` (indexed like ``train``) the clients' local loss is :class:`KDLoss`
-    (``alpha``, ``temperature``); without, plain cross-entropy. Returns the final global ``model``, its
+    (``alpha``, ``temperature``); without, cross-entropy, with ``label_smoothing`` :math:`\varepsilon` if given
+    (the target :math:`(1-\varepsilon)\,\text{one-hot} + \varepsilon/K`: KD's control with a uniform "teacher").
+    ``uplink`` is the clients' upload codec (float32 by default). Returns the final global ``model``, its
     ``history`` (test accuracy per round), and its accuracy on the validation images ``train[val_idx]``
     (for choosing hyper-parameters; indices, so a task pickles in a few bytes) and on ``test`` (for reporting).
     """
     parts = book_partition(train.y, partition, seed=seed, pool=pool)
     seed_everything(seed)
     model = build_model(arch, num_classes=train.num_classes)
-    loss_fn = None if teacher_logits is None else KDLoss(teacher_logits, alpha, temperature)
+    if teacher_logits is not None and label_smoothing:
+        raise ValueError("give teacher_logits (KD) or label_smoothing (its control), not both")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if teacher_logits is not None:
+        loss_fn = KDLoss(teacher_logits, alpha, temperature)
+    elif label_smoothing:
+        def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
+    else:
+        loss_fn = None
     run = run_federated(model, train, parts, test, dataclasses.replace(config, seed=seed), loss_fn=loss_fn,
-                        label=label)
+                        uplink=uplink, label=label)
     return {"model": run.model, "history": run.history, "val_acc": evaluate(run.model, train.subset(val_idx))[1],
             "test_acc": run.history.final_accuracy}
 
