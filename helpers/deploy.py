@@ -43,6 +43,7 @@ __all__ = [
     "OUTPUT_NAME",
     "OPSET",
     "export_onnx",
+    "export_identity_onnx",
     "lsq_to_float",
     "session",
     "onnx_logits",
@@ -101,6 +102,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: Seque
         torch.onnx.export(net, (dummy,), path, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], do_constant_folding=True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return os.path.getsize(path)
+
+
+def export_identity_onnx(path: str | os.PathLike, *, input_shape: Sequence[int] = (1, 28, 28),
+                         opset: int = OPSET) -> int:
+    """Write an ONNX graph that does nothing: one ``Identity`` node from ``"input"`` (N, *input_shape) to
+    ``"logits"``. Timed like a model, its latency is the runtime's fixed cost per call (binding the input,
+    launching the graph, returning the output), the floor under every model's batch-1 latency."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = _check_path(path, "path")
+    shape = ["batch", *input_shape]
+    graph = helper.make_graph([helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME])], "identity",
+                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
     return os.path.getsize(path)
 
 
@@ -361,15 +381,22 @@ def ort_predictor(path: str | os.PathLike, threads: int = 1) -> Predictor:
 
 @dataclass
 class Speed:
-    """Median speed of one predictor: seconds per image at batch 1, images per second at batch ``batch``."""
+    """Median speed of one predictor: seconds per image at batch 1 (with the quartiles of the repeats),
+    images per second at batch ``batch``."""
 
     latency_s: float
     throughput: float
     batch: int
+    latency_q1_s: float = float("nan")
+    latency_q3_s: float = float("nan")
 
     @property
     def latency_ms(self) -> float:
         return 1e3 * self.latency_s
+
+    @property
+    def latency_us(self) -> float:
+        return 1e6 * self.latency_s
 
 
 _CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
@@ -386,8 +413,8 @@ def _calls_for(fn: Callable[[], object], target_s: float, clock: Callable[[], fl
 
 def measure_speed(predictors: Mapping[str, Predictor], images: torch.Tensor | np.ndarray, *, batch: int = 64,
                   repeats: int = 21, target_s: float = 0.005, clock: str = "cpu") -> dict[str, Speed]:
-    """Latency at batch 1 and throughput at batch ``batch`` of every predictor, as medians over
-    ``repeats`` **interleaved** rounds: each round times every (predictor, batch size) once, in a rotated
+    """Latency at batch 1 (median and quartiles) and throughput at batch ``batch`` of every predictor, as
+    medians over ``repeats`` **interleaved** rounds: each round times every (predictor, batch size) once, in a rotated
     order, so a burst of load on a shared machine hits all of them alike. Each timing runs about
     ``target_s`` seconds of calls.
 
@@ -429,8 +456,13 @@ def measure_speed(predictors: Mapping[str, Predictor], images: torch.Tensor | np
                 times[k].append((timer() - t0) / n)
     finally:
         torch.set_num_threads(threads)
+    def quartiles(v: list[float]) -> tuple[float, float]:
+        q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+        return q[0], q[2]
+
     return {n: Speed(latency_s=statistics.median(times[n, 1]), throughput=batch / statistics.median(times[n, batch]),
-                     batch=batch) for n in names}
+                     batch=batch, latency_q1_s=quartiles(times[n, 1])[0], latency_q3_s=quartiles(times[n, 1])[1])
+            for n in names}
 
 
 def op_profile(path: str | os.PathLike, images: torch.Tensor | np.ndarray, runs: int = 30) -> dict[str, float]:

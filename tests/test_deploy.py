@@ -169,7 +169,8 @@ def test_measure_speed_reports_interleaved_medians(trained, small_test, tmp_path
         assert set(speed) == set(predictors)
         for s in speed.values():
             assert s.batch == 16 and s.latency_s > 0 and s.throughput > 0
-            assert s.latency_ms == pytest.approx(1e3 * s.latency_s)
+            assert s.latency_ms == pytest.approx(1e3 * s.latency_s) and s.latency_us == pytest.approx(1e6 * s.latency_s)
+            assert s.latency_q1_s <= s.latency_s <= s.latency_q3_s
     assert torch.get_num_threads() == threads                                 # restored
     with pytest.raises(ValueError):
         deploy.measure_speed({}, small_test.x[:16])
@@ -177,6 +178,18 @@ def test_measure_speed_reports_interleaved_medians(trained, small_test, tmp_path
         deploy.measure_speed(predictors, small_test.x[:8], batch=16)
     with pytest.raises(ValueError):
         deploy.measure_speed(predictors, small_test.x[:16], batch=16, clock="sundial")
+
+
+def test_identity_graph_returns_its_input_and_is_the_latency_floor(trained, small_test, tmp_path):
+    path = tmp_path / "identity.onnx"
+    assert deploy.export_identity_onnx(path) == os.path.getsize(path) > 0
+    x = small_test.x[:4].numpy()
+    assert np.array_equal(deploy.ort_predictor(path)(x), x)            # a graph that does nothing
+    model = tmp_path / "m.onnx"
+    deploy.export_onnx(trained["mlp"], model)
+    speed = deploy.measure_speed({"empty": deploy.ort_predictor(path), "mlp": deploy.ort_predictor(model)},
+                                 small_test.x[:8], batch=8, repeats=5, target_s=0.002)
+    assert speed["empty"].latency_s < speed["mlp"].latency_s             # the floor is below a real model
 
 
 def test_op_profile_names_the_operators_that_ran(trained, small_test, calib, tmp_path):
