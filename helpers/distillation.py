@@ -15,6 +15,9 @@ Two federated uses (Chapter 4):
 
 * **teacher -> student**: clients run FedAvg on a small student whose local loss is
   :class:`KDLoss`, looking up a teacher's precomputed logits by dataset index;
+* **server-side ensemble distillation** (FedDF, Lin et al. 2020): :class:`FedDF` -- clients send weights
+  as in FedAvg; after averaging, the server fine-tunes the averaged model on an unlabeled public set
+  toward the average of the client models' logits;
 * **logit exchange on a public set** (FedMD, Li & Wang 2019; DS-FL, Itahara et al. 2023):
   :func:`run_logit_exchange` -- clients send their logits on a shared *unlabeled* public set through
   a codec, the server averages them into a consensus, and every client distills from it. Models never
@@ -29,19 +32,22 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aggregation import fedavg
+from .aggregation import DEFAULT_NORM_BOUND, Aggregator, FedAvg, bound_norms, check_updates, fedavg
 from .codecs import Codec, Float16Codec, PayloadError
 from .data import TensorDataset, split_indices
 from .federated import FedConfig, samples_seen
 from .history import History, RoundRecord
-from .training import client_generator, evaluate, local_train
+from .training import client_generator, evaluate, float_state, local_train
+
+if TYPE_CHECKING:
+    from .federated import Server
 
 __all__ = [
     "soft_targets",
@@ -51,6 +57,7 @@ __all__ = [
     "train_student",
     "public_split",
     "distill_on_public",
+    "FedDF",
     "LogitExchangeRun",
     "run_logit_exchange",
 ]
@@ -153,6 +160,89 @@ def distill_on_public(model: nn.Module, public_x: torch.Tensor, target_logits: t
     return local_train(model, unlabeled, torch.arange(len(public_x)), epochs=epochs, batch_size=batch_size,
                        lr=lr, momentum=momentum, generator=generator,
                        loss_fn=KDLoss(target_logits, alpha=0.0, temperature=temperature))
+
+
+class FedDF(FedAvg):
+    r"""FedDF's round policy (Lin et al. 2020): FedAvg, then **server-side ensemble distillation**.
+
+    After the norm bound and the aggregator have combined the accepted updates :math:`\Delta_k` into
+    :math:`\bar\Delta`, the server rebuilds every client model :math:`w + \Delta_k` from the global state
+    :math:`w`, computes its logits on the unlabeled public images, averages them weighted by the clients'
+    sample counts, :math:`\bar Z = \sum_k \frac{n_k}{n} Z_k(w + \Delta_k)`, and trains the averaged model
+    :math:`w + \bar\Delta` toward :math:`\bar Z` (:func:`distill_on_public`, :math:`\alpha = 0`) for ``epochs``
+    passes over ``public_x``. The round's update is then the distilled model minus :math:`w`.
+
+    Nothing extra crosses the network: the cost is server compute. ``public_x`` must be images no client
+    holds and neither the validation nor the test set (carve it with :func:`public_split`). The server's
+    shuffling is seeded by ``seed`` and the round (``client_generator(seed, round, 0, stream=2)``).
+    """
+
+    def __init__(self, public_x: torch.Tensor, *, epochs: int = 1, lr: float, batch_size: int = 32,
+                 momentum: float = 0.0, temperature: float = 1.0, seed: int = 0,
+                 aggregator: Aggregator | None = None, norm_bound: float | None = DEFAULT_NORM_BOUND,
+                 norm_action: str = "drop") -> None:
+        super().__init__(aggregator, norm_bound, norm_action)
+        if not isinstance(public_x, torch.Tensor) or public_x.dim() < 2 or len(public_x) == 0:
+            raise ValueError("public_x must be a non-empty tensor of images (N, ...)")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ValueError(f"lr must be a finite positive number, got {lr!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        _check_alpha_t(0.0, temperature)
+        self.public_x = public_x
+        self.epochs, self.lr, self.batch_size = epochs, float(lr), batch_size
+        self.momentum, self.temperature, self.seed = float(momentum), float(temperature), seed
+        self._server: "Server | None" = None
+        self._round = 0
+
+    def before_round(self, round_idx: int, server: "Server") -> None:
+        """Remember the server (its global model is the starting point of the distillation) and the round."""
+        self._server, self._round = server, round_idx
+
+    def ensemble_logits(self, model: nn.Module, state: Mapping[str, torch.Tensor],
+                        updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> torch.Tensor:
+        r""":math:`\sum_k \frac{w_k}{\sum_j w_j} Z_k`, the weighted mean of the logits of the models
+        ``state + updates[k]`` on ``public_x`` (``model`` is a scratch copy; its weights are overwritten)."""
+        w = check_updates(updates, weights)
+        total = None
+        for wk, u in zip(w, updates):
+            model.load_state_dict({k: v + u[k].to(v.dtype) for k, v in state.items()}, strict=False)
+            z = wk * predict_logits(model, self.public_x)
+            total = z if total is None else total + z
+        return total
+
+    def aggregate(self, updates: Sequence[Mapping[str, torch.Tensor]],
+                  weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """FedAvg's aggregate (norm bound, aggregator), then distill the averaged model toward the ensemble
+        of the same accepted client models; returns the distilled model minus the global state."""
+        if self._server is None:
+            raise RuntimeError("FedDF.aggregate needs the server: run it through run_federated (before_round)")
+        check_updates(updates, weights)
+        ups, ws = list(updates), list(weights)
+        self.last_bounded = 0
+        if self.norm_bound is not None:
+            ups, ws, self.last_bounded = bound_norms(ups, ws, self.norm_bound, self.norm_action)
+        if not ups:
+            raise ValueError("the norm bound dropped every update")
+        avg = self.aggregator(ups, ws)
+        state = self._server.state
+        scratch = copy.deepcopy(self._server.model)
+        target = self.ensemble_logits(scratch, state, ups, ws)
+        scratch.load_state_dict({k: v + avg[k].to(v.dtype) for k, v in state.items()}, strict=False)
+        distill_on_public(scratch, self.public_x, target, epochs=self.epochs, batch_size=self.batch_size,
+                          lr=self.lr, momentum=self.momentum, temperature=self.temperature,
+                          generator=client_generator(self.seed, self._round, 0, stream=2))
+        distilled = float_state(scratch)
+        return {k: distilled[k] - v for k, v in state.items()}
+
+    def __repr__(self) -> str:
+        return (f"FedDF(public={len(self.public_x)}, epochs={self.epochs}, lr={self.lr}, momentum={self.momentum}, "
+                f"temperature={self.temperature}, aggregator={self.aggregator!r}, norm_bound={self.norm_bound}, "
+                f"norm_action={self.norm_action!r})")
 
 
 @dataclass

@@ -120,7 +120,7 @@ def chapter_setup(seed: int = BOOK_SEED, threads: int = THREADS) -> BookData:
 DRIFT = 0.005
 """How far one test accuracy may move when the same run executes on another CPU (0.5 pp). Measured twice. With
 ``ATEN_CPU_CAPABILITY=avx2`` instead of an Intel machine's AVX-512 kernels, the chapters' 3-round accuracies moved
-by 0.1-0.4 pp. On an AMD EPYC machine (AVX2, other BLAS code paths) against the same Intel machine, float32 runs
+by 0.1-0.4 pp. On an AMD EPYC machine (AVX-512 too, other BLAS code paths) against the same Intel machine, float32 runs
 moved by 0.1-0.6 pp, and runs that amplify rounding (2-bit QAT, partial participation) by up to 2 pp: their
 trajectories part after the first differing bit, and the final accuracy is a new draw of the seed's noise.
 A verdict of :func:`compare` is *firm* when it survives every accuracy moving by this much

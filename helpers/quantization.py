@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,21 +335,52 @@ class LSQQuantizer(nn.Module):
     Initial step: :math:`2\,\mathrm{mean}|w| / \sqrt{Q}` as in the paper (:func:`lsq_init_scale`).
     ``learn_step=False`` freezes :math:`\Delta` at that value (the weights still train through the
     quantizer): the ablation that separates "training through the grid" from "learning the grid".
+
+    ``step_lr=None`` (the default) leaves the step to the weights' optimizer (same learning rate, same
+    momentum). A number gives the step its own plain SGD, :math:`\Delta \leftarrow \Delta - \eta_\Delta\,
+    g\,\partial L/\partial\Delta`, applied as soon as backward has accumulated its gradient
+    (``register_post_accumulate_grad_hook``); the gradient is then cleared, so the weights' optimizer skips
+    the step (no momentum, no weight decay on it). A floor such as :class:`QATFedAvg`'s then acts on a
+    step that carries no velocity.
     """
 
-    def __init__(self, bits: int, init_from: torch.Tensor, per_channel: bool = False, learn_step: bool = True) -> None:
+    def __init__(self, bits: int, init_from: torch.Tensor, per_channel: bool = False, learn_step: bool = True,
+                 step_lr: float | None = None) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         if self.bits == 1:
             raise ValueError("LSQ needs bits ≥ 2 (a 1-bit symmetric grid has no zero and no learnable clip)")
+        if step_lr is not None and not (isinstance(step_lr, (int, float)) and not isinstance(step_lr, bool)
+                                        and math.isfinite(step_lr) and step_lr > 0):
+            raise ValueError(f"step_lr must be None or a finite positive number, got {step_lr!r}")
+        if step_lr is not None and not learn_step:
+            raise ValueError("step_lr needs learn_step=True (a frozen step has no learning rate)")
         self.Q = qmax(self.bits)
         self.per_channel = per_channel and init_from.dim() >= 2
         self.learn_step = bool(learn_step)
+        self.step_lr = None if step_lr is None else float(step_lr)
         init = lsq_init_scale(init_from, self.bits, self.per_channel)
         self.step = nn.Parameter(init.clamp_min(1e-8), requires_grad=self.learn_step)
         self.values_per_step = _channel_view(init_from, self.per_channel).shape[1]
 
+    def _own_step_sgd(self) -> None:
+        """Hook the step's own SGD on the current step parameter (once per parameter object: a copied or
+        unpickled module has a new one, and hooks do not travel with a copy)."""
+        if _OWN_STEP_SGD.get(id(self.step)) is self.step:
+            return
+        lr = self.step_lr
+
+        def sgd(p: torch.Tensor) -> None:
+            with torch.no_grad():
+                p.sub_(lr * p.grad)
+            p.grad = None
+
+        self.step.register_post_accumulate_grad_hook(sgd)
+        _OWN_STEP_SGD[id(self.step)] = self.step
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.step_lr is not None:
+            self._own_step_sgd()
         g = 1.0 / math.sqrt(self.values_per_step * self.Q)
         return _LSQFunction.apply(w, _scale_like(self.step, w.shape), self.Q, g)
 
@@ -365,16 +397,22 @@ class LSQQuantizer(nn.Module):
         return lsq_codes(w, self.step, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel={self.per_channel}, learn_step={self.learn_step}"
+        lr = "" if self.step_lr is None else f", step_lr={self.step_lr:g}"
+        return f"bits={self.bits}, per_channel={self.per_channel}, learn_step={self.learn_step}{lr}"
+
+
+_OWN_STEP_SGD: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+"""The step parameters that carry :class:`LSQQuantizer`'s own-SGD hook, by ``id``."""
 
 
 class LSQLinear(nn.Linear):
     """``nn.Linear`` whose weight passes through an :class:`LSQQuantizer` (bias stays float32)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, per_channel: bool = False, learn_step: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, per_channel: bool = False, learn_step: bool = True,
+                 step_lr: float | None = None) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
         self.load_state_dict(linear.state_dict())
-        self.wq = LSQQuantizer(bits, self.weight, per_channel, learn_step)
+        self.wq = LSQQuantizer(bits, self.weight, per_channel, learn_step, step_lr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.wq(self.weight), self.bias)
@@ -383,33 +421,43 @@ class LSQLinear(nn.Linear):
 class LSQConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose weight passes through an :class:`LSQQuantizer` (bias stays float32)."""
 
-    def __init__(self, conv: nn.Conv2d, bits: int, per_channel: bool = False, learn_step: bool = True) -> None:
+    def __init__(self, conv: nn.Conv2d, bits: int, per_channel: bool = False, learn_step: bool = True,
+                 step_lr: float | None = None) -> None:
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
         self.load_state_dict(conv.state_dict())
-        self.wq = LSQQuantizer(bits, self.weight, per_channel, learn_step)
+        self.wq = LSQQuantizer(bits, self.weight, per_channel, learn_step, step_lr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.wq(self.weight), self.bias)
 
 
-def swap_to_lsq(model: nn.Module, bits: int, per_channel: bool = False, learn_step: bool = True) -> nn.Module:
+def swap_to_lsq(model: nn.Module, bits: int, per_channel: bool = False, learn_step: bool = True,
+                step_lr: float | None = None, init: str = "lsq") -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` / ``nn.Conv2d`` replaced by its LSQ version
-    (same weights; steps initialised from them, learned unless ``learn_step=False``).
-    The original model is not modified."""
+    (same weights; steps learned unless ``learn_step=False``, with their own SGD rate when ``step_lr`` is
+    given: :class:`LSQQuantizer`). The steps start at LSQ's initial value (``init="lsq"``) or at another
+    rule of :data:`STEP_RULES` (``"maxabs"``, ``"mse"``). The original model is not modified."""
     check_bits(bits)
+    if init not in STEP_RULES:
+        raise ValueError(f"init must be one of {sorted(STEP_RULES)}, got {init!r}")
     model = copy.deepcopy(model)
 
     def swap(parent: nn.Module) -> None:
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                setattr(parent, name, LSQLinear(child, bits, per_channel, learn_step))
+                setattr(parent, name, LSQLinear(child, bits, per_channel, learn_step, step_lr))
             elif type(child) is nn.Conv2d:
-                setattr(parent, name, LSQConv2d(child, bits, per_channel, learn_step))
+                setattr(parent, name, LSQConv2d(child, bits, per_channel, learn_step, step_lr))
             else:
                 swap(child)
 
     swap(model)
+    if init != "lsq":
+        with torch.no_grad():
+            for layer in lsq_layers(model).values():
+                wq = layer.wq
+                wq.step.copy_(STEP_RULES[init](layer.weight, bits, wq.per_channel).reshape_as(wq.step).clamp_min(1e-8))
     return model
 
 

@@ -19,7 +19,10 @@ CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 FIELDS = ("diff_pp", "ci_low_pp", "ci_high_pp", "n", "margin_pp", "verdict")
 REQUIRED = ["ch1_central_vs_iid", "ch1_iid_vs_dirichlet", "ch2_sr_vs_det_2bit", "ch2_learned_vs_frozen_2bit",
             "ch2_qat_vs_ptq_2bit", "ch3_dense_vs_gradual", "ch3_top1ef_vs_top1", "ch3_dense_vs_top10ef",
-            "ch4_kd_vs_scratch", "ch6_seen_vs_unseen", "ch6_trimmed_vs_fedavg_signflip"]
+            "ch4_kd_vs_scratch", "ch6_seen_vs_unseen", "ch6_trimmed_vs_fedavg_signflip",
+            # issue 21: the seed's lessons in the regimes where they should hold
+            "ch1_central_same_schedule_vs_iid", "ch1_central_halving_vs_constant", "ch2_learned_vs_frozen_maxabs_2bit", "ch3_gradual_vs_oneshot_090", "ch3_gradual_vs_oneshot_095",
+            "ch3_q4_vs_top10", "ch4_kd_vs_label_smoothing", "ch4_logits_vs_mlp16_q8"]
 
 
 def glued(path: Path) -> dict[str, str]:

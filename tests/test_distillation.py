@@ -264,3 +264,83 @@ def test_federated_task_label_smoothing_control_and_uplink_codec(small_train, sm
         federated_task(label_smoothing=0.1, teacher_logits=torch.zeros(len(small_train), 10), **kw)
     with pytest.raises(ValueError, match="label_smoothing"):
         federated_task(label_smoothing=1.0, **kw)
+
+
+# --------------------------------------------------------------------------- FedDF: server-side ensemble distillation
+
+def test_feddf_round_is_fedavg_then_distillation_toward_the_ensemble(small_train, small_test):
+    """One FedDF round, rebuilt by hand: the clients' updates (the simulator's own Client), their n_k-weighted
+    FedAvg, the n_k-weighted mean of the client models' logits on the public images, and distill_on_public with
+    the server's generator: the global model must equal it exactly."""
+    from helpers.aggregation import FedAvg, fedavg
+    from helpers.distillation import FedDF
+    from helpers.federated import Client, run_federated
+    from helpers.training import client_generator, float_state
+
+    private, public = public_split(len(small_train), 400, seed=0)
+    by_label = private[torch.argsort(small_train.y[private], stable=True)]   # label skew: where FedDF matters
+    parts = [by_label[:1500], by_label[1500:2500], by_label[2500:5000]]
+    cfg = FedConfig(rounds=1, batch_size=64, lr=0.02, momentum=0.9, seed=3)
+    pub_x = small_train.x[public]
+    seed_everything(0)
+    model = MLP(hidden=(16,))
+    strategy = FedDF(pub_x, epochs=2, lr=0.02, momentum=0.9, seed=3, norm_bound=None)
+    run = run_federated(model, small_train, parts, small_test, cfg, strategy=strategy)
+    # by hand
+    start = float_state(model)
+    worker = copy_of(model)
+    updates = [Client(k, p).local_update(worker, start, small_train, cfg, 1)[0] for k, p in enumerate(parts)]
+    n = [len(p) for p in parts]
+    avg = fedavg(updates, n)
+    zs = []
+    for u in updates:
+        worker.load_state_dict({k: v + u[k] for k, v in start.items()})
+        zs.append(predict_logits(worker, pub_x))
+    ensemble = sum(nk / sum(n) * z for nk, z in zip(n, zs))
+    assert torch.allclose(strategy.ensemble_logits(worker, start, updates, n), ensemble, atol=1e-5)
+    worker.load_state_dict({k: v + avg[k] for k, v in start.items()})
+    before = float(kd_loss(predict_logits(worker, pub_x), ensemble, None, alpha=0.0))
+    plain_acc = evaluate(worker, small_test)[1]
+    distill_on_public(worker, pub_x, ensemble, epochs=2, batch_size=32, lr=0.02, momentum=0.9,
+                      generator=client_generator(3, 1, 0, stream=2))
+    got, want = float_state(run.model), float_state(worker)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    # the distillation moved the averaged model toward the ensemble
+    after = float(kd_loss(predict_logits(run.model, pub_x), ensemble, None, alpha=0.0))
+    assert after < 0.5 * before
+    # and it is not FedAvg any more, while the payloads are FedAvg's
+    fa = run_federated(model, small_train, parts, small_test, cfg, strategy=FedAvg(norm_bound=None))
+    assert fa.history.final_accuracy == pytest.approx(plain_acc)
+    assert run.history.final_accuracy != fa.history.final_accuracy
+    assert run.history.rows[0].bytes_up == fa.history.rows[0].bytes_up
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def test_feddf_bad_arguments_and_task(small_train, small_test):
+    from helpers.distillation import FedDF
+
+    x = small_train.x[:10]
+    for bad in (dict(epochs=0, lr=0.1), dict(epochs=1, lr=0.0), dict(epochs=1, lr=0.1, momentum=1.0),
+                dict(epochs=1, lr=0.1, temperature=0.0), dict(epochs=1, lr=0.1, batch_size=0)):
+        with pytest.raises(ValueError):
+            FedDF(x, **bad)
+    with pytest.raises(ValueError, match="public_x"):
+        FedDF(torch.zeros(0, 1, 28, 28), lr=0.1)
+    with pytest.raises(RuntimeError, match="server"):
+        FedDF(x, lr=0.1).aggregate([{"w": torch.zeros(2)}] * 3, [1, 1, 1])
+    # Chapter 4's task: the public set must lie outside the pool and the validation split
+    pool, val_idx, cfg = _small_setting(small_train)
+    kw = dict(seed=0, arch="mlp-16", train=small_train, test=small_test, val_idx=val_idx, config=cfg)
+    with pytest.raises(ValueError, match="overlaps"):
+        federated_task(pool=pool, public=pool[:100], feddf=dict(lr=0.02), **kw)
+    with pytest.raises(ValueError, match="overlaps"):
+        federated_task(pool=pool[:4000], public=val_idx[:100], feddf=dict(lr=0.02), **kw)
+    private, public = pool[:4500], pool[4500:]
+    plain = federated_task(pool=private, **kw)
+    df = federated_task(pool=private, public=public, feddf=dict(epochs=1, lr=0.02, momentum=0.9), **kw)
+    assert df["history"].bytes_up_per_client == plain["history"].bytes_up_per_client
+    assert df["test_acc"] != plain["test_acc"] and df["test_acc"] > 0.3

@@ -5,16 +5,24 @@ starts a fresh ClientApp process that imports torch; it still checks the three t
 the run's status, parity with the simulator, and that no process is left behind.
 """
 
+import json
+import re
+import shutil
 import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
 
 from helpers.codecs import Float32Codec, QuantizedCodec
 from helpers.federated import run_federated
-from helpers.flower import task
-from helpers.flower.launch import APP_DIR, DeploymentError, LoopbackDeployment
+from helpers.flower import client_app, task
+from helpers.flower.launch import APP_DIR, DeploymentError, LoopbackDeployment, node_data_for
 from helpers.training import float_state
 
 
@@ -48,6 +56,50 @@ def test_node_partitions_are_disjoint_and_sized(fmnist_train):
     assert all(torch.equal(a, b) for a, b in zip(parts, again))
 
 
+def test_each_node_file_holds_its_own_rows_and_nothing_else(fmnist_train, tmp_path):
+    settings = task.AppSettings.from_run_config(task.make_run_config(num_nodes=3, samples_per_node=400,
+                                                                     partition="dirichlet"))
+    parts = task.node_partition(fmnist_train.y, settings)
+    paths = task.write_node_data(tmp_path, settings, fmnist_train)
+    assert [p.name for p in paths] == ["node-0.npz", "node-1.npz", "node-2.npz"]
+    for pid, (path, idx) in enumerate(zip(paths, parts)):
+        own = task.read_node_data(path, pid, settings)
+        assert torch.equal(own.x, fmnist_train.x[idx]) and torch.equal(own.y, fmnist_train.y[idx])
+        assert own.classes == fmnist_train.classes
+        # the file holds exactly this node's rows: no row of any other node, and none of the validation images
+        others = torch.cat([p for j, p in enumerate(parts) if j != pid])
+        assert len(own) == len(idx) and not set(idx.tolist()) & set(others.tolist())
+    # a file is checked against the node and the run it is read for
+    with pytest.raises(ValueError, match="written for"):
+        task.read_node_data(paths[0], 1, settings)
+    other_run = task.AppSettings.from_run_config(task.make_run_config(num_nodes=3, samples_per_node=400,
+                                                                      partition="dirichlet", seed=1))
+    with pytest.raises(ValueError, match="written for"):
+        task.read_node_data(paths[0], 0, other_run)
+    # no code in a data file: an object array (which would need pickle) is refused
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.array([object()], dtype=object), y=np.zeros(1, dtype=np.int64),
+             meta=np.zeros(6, dtype=np.int64), classes=np.array(["a"]))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        task.read_node_data(bad, 0, settings)
+
+
+def test_a_node_with_a_data_file_never_loads_the_shared_set(fmnist_train, tmp_path, monkeypatch):
+    settings = task.AppSettings.from_run_config(task.make_run_config(num_nodes=2, samples_per_node=200))
+    down = Float32Codec().encode(float_state(task.initial_model(settings.fed.seed)))
+    shared = client_app.local_round(settings, 1, 1, down)                 # the simulation engine's way
+    path = task.write_node_data(tmp_path, settings, fmnist_train)[1]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the node tried to load the full training set")
+
+    monkeypatch.setattr(client_app, "load_dataset", refuse)
+    own = client_app.local_round(settings, 1, 1, down, data_path=str(path))
+    # the same bytes: same rows, same minibatches, same update
+    assert own.payload == shared.payload and own.num_samples == shared.num_samples == 200
+    assert own.seconds["data"] >= 0 and own.seconds["train"] > 0
+
+
 def test_a_taken_port_is_a_clear_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,11 +111,12 @@ def test_a_taken_port_is_a_clear_error():
         assert dep.roots == [] and not dep.workdir.exists()   # nothing was started, nothing left
 
 
-def test_engine_status_parity_and_cleanup(fmnist_train, fmnist_test):
+def test_engine_status_parity_and_cleanup(fmnist_train, fmnist_test, tmp_path):
     config = task.make_run_config(num_server_rounds=1, num_nodes=2, samples_per_node=300, uplink="q8",
                                   test_samples=500)
     overrides = {k: v for k, v in config.items() if k != "result-dir"}
-    dep = LoopbackDeployment(2, log=None)
+    # each SuperNode reads only its own data file
+    dep = LoopbackDeployment(2, log=None, node_data=node_data_for(overrides, tmp_path))
     with dep:
         # A ServerApp that crashes must be reported as a failure, although `flwr run` itself exits 0.
         with pytest.raises(DeploymentError, match="finished:failed"):
@@ -99,3 +152,77 @@ def test_engine_status_parity_and_cleanup(fmnist_train, fmnist_test):
         except psutil.NoSuchProcess:
             pass
     assert not dep.workdir.exists()
+
+
+def test_a_supernode_killed_mid_round(fmnist_train, fmnist_test, tmp_path):
+    """A SuperNode SIGKILLed while it trains: each round ends at its timeout with the other nodes, the run
+    finishes, the global model is the simulator's FedAvg of the surviving clients (bit for bit), and no
+    process is left behind."""
+    config = task.make_run_config(num_server_rounds=2, num_nodes=3, samples_per_node=300, uplink="q8",
+                                  test_samples=500, round_timeout=20.0)
+    overrides = {k: v for k, v in config.items() if k != "result-dir"}
+    dep = LoopbackDeployment(3, log=None, node_data=node_data_for(overrides, tmp_path))
+    killer_error = []
+
+    def kill_node_2():
+        try:
+            dep.kill_node(2, mid_round=True)
+        except Exception as exc:      # reported by the assertion below, not lost in the thread
+            killer_error.append(exc)
+
+    with dep:
+        killer = threading.Thread(target=kill_node_2, daemon=True)
+        killer.start()
+        outcome = dep.run(APP_DIR, overrides, timeout=600)
+        killer.join(timeout=30)
+        recorded = dict(dep.seen)
+    assert not killer_error, killer_error
+    assert outcome.status == "finished:completed"
+    assert [(r, cid) for r, cid, _ in outcome.result["dropped"]] == [(1, 2), (2, 2)]
+    assert [r["clients"] for r in outcome.result["rounds"]] == [3, 3]
+    # Not corrupted: the simulator with only the two surviving clients ends in the same global model.
+    settings = task.AppSettings.from_run_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sim = run_federated(task.initial_model(settings.fed.seed), fmnist_train,
+                            task.node_partition(fmnist_train.y, settings)[:2], task.test_subset(fmnist_test, settings),
+                            settings.fed, uplink=task.make_codec(settings.uplink),
+                            downlink=task.make_codec(settings.downlink))
+    finally:
+        torch.set_num_threads(threads)
+    engine = Float32Codec().decode(outcome.files["global.bin"])
+    sim_state = float_state(sim.model)
+    assert max(float((engine[k] - sim_state[k]).abs().max()) for k in sim_state) == 0.0
+    assert [r["test_acc"] for r in outcome.result["rounds"]] == sim.history.column("test_acc")
+    # Each round waited for the dead node at most its timeout (plus the survivors' work).
+    assert all(r["seconds"] < settings.round_timeout + 60 for r in outcome.result["rounds"])
+    for (pid, created), name in recorded.items():
+        try:
+            p = psutil.Process(pid)
+            assert p.create_time() != created or p.status() == psutil.STATUS_ZOMBIE, f"{name} ({pid}) still runs"
+        except psutil.NoSuchProcess:
+            pass
+    assert not dep.workdir.exists()
+
+
+def test_the_chapter_real_machine_commands_use_existing_flags():
+    """Chapter 7 prints, without running them, the commands for real machines (TLS, node authentication):
+    every flag they use must be one the installed Flower's command-line help lists."""
+    nb = Path(__file__).resolve().parents[1] / "book" / "07_flower.ipynb"
+    text = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "markdown")
+    block = re.search(r"```bash\n# on the server machine.*?```", text, flags=re.S).group(0).replace("\\\n", " ")
+    checked = 0
+    for line in block.splitlines():
+        words = line.split()
+        if not words or words[0] not in ("flower-superlink", "flower-supernode", "flwr"):
+            continue
+        exe = Path(sys.executable).with_name(words[0])          # the venv's Flower commands
+        cmd = [str(exe) if exe.exists() else shutil.which(words[0]) or words[0]]
+        if words[0] == "flwr":                                  # its sub-commands: `flwr run`, `flwr supernode register`
+            cmd += [w for w in words[1:3] if re.fullmatch(r"[a-z]+", w)][: 2 if words[1] == "supernode" else 1]
+        helptext = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60).stdout
+        for flag in re.findall(r"(?<!\S)--[a-z-]+", line):
+            assert flag in helptext, f"{' '.join(words[:3])}: {flag} is not in its --help"
+            checked += 1
+    assert checked >= 10, checked

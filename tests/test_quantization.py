@@ -1,5 +1,6 @@
 """Tests for helpers.quantization and the quantizing codecs, on real Fashion-MNIST updates."""
 
+import copy
 import math
 import struct
 import zlib
@@ -436,3 +437,39 @@ def test_qat_strategy_keeps_learned_steps_above_its_floor():
     for bad in (0, -1.0, float("nan"), "1e-6"):
         with pytest.raises(ValueError, match="min_step"):
             Q.QATFedAvg(min_step=bad)
+
+
+def test_own_step_rate_is_plain_sgd_on_the_step_and_the_weights_keep_their_optimizer(small_train):
+    x, y = small_train.x[:64], small_train.y[:64]
+    loss = torch.nn.functional.cross_entropy
+    torch.manual_seed(0)
+    for lr_step in (1e-3, 0.5):
+        own = Q.swap_to_lsq(MLP(hidden=(32,)), bits=2, per_channel=False, init="maxabs", step_lr=lr_step)
+        step = own.net[1].wq.step
+        assert torch.allclose(step.detach(), Q.max_abs_scale(own.net[1].weight, 2))
+        opt = torch.optim.SGD(own.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(3):
+            before = step.detach().clone()
+            grad = torch.autograd.grad(loss(own(x), y), step)[0]     # dL/dΔ (autograd.grad fills no .grad)
+            opt.zero_grad(set_to_none=True)
+            loss(own(x), y).backward()
+            opt.step()
+            # Δ <- Δ - lr_step * dL/dΔ, no momentum: the weights' optimizer never saw the step's gradient
+            assert torch.allclose(step.detach(), before - lr_step * grad, rtol=1e-5, atol=1e-9)
+            assert step.grad is None and step not in opt.state
+            assert own.net[1].weight in opt.state                     # the weights keep their momentum
+        copied = copy.deepcopy(own)                                   # hooks do not travel with a copy: re-hooked
+        before = copied.net[1].wq.step.detach().clone()
+        loss(copied(x), y).backward()
+        assert copied.net[1].wq.step.grad is None and not torch.equal(copied.net[1].wq.step.detach(), before)
+    assert "step_lr=0.5" in repr(own.net[1].wq)
+    default = Q.swap_to_lsq(MLP(hidden=(32,)), bits=2)
+    loss(default(x), y).backward()
+    assert default.net[1].wq.step.grad is not None                   # the default leaves the step to the optimizer
+    for bad in (0, -1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="step_lr"):
+            Q.swap_to_lsq(MLP(), 2, step_lr=bad)
+    with pytest.raises(ValueError, match="learn_step"):
+        Q.swap_to_lsq(MLP(), 2, learn_step=False, step_lr=0.1)
+    with pytest.raises(ValueError, match="init"):
+        Q.swap_to_lsq(MLP(), 2, init="minmax")

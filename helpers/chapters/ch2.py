@@ -64,18 +64,21 @@ def fedavg_task(*, seed: int, lr: float, rounds: int = 3, fraction: float = 1.0,
 
 
 def qat_task(*, seed: int, lr: float, start: dict[str, torch.Tensor], bits: int, learn_step: bool = True,
-             rounds: int = 2, packed_upload: bool = True, hidden: tuple[int, ...] = (200,)) -> dict:
-    """Federated QAT of the MLP for ``rounds`` rounds from the float state ``start``, per-channel LSQ steps
-    (learned, or frozen at LSQ's initial value with ``learn_step=False``); clients upload their quantized
-    weights with ``QATUploadCodec(bits)`` (or float32 updates with ``packed_upload=False``).
+             rounds: int = 2, packed_upload: bool = True, hidden: tuple[int, ...] = (200,),
+             per_channel: bool = True, init: str = "lsq", step_lr: float | None = None) -> dict:
+    """Federated QAT of the MLP for ``rounds`` rounds from the float state ``start``, LSQ steps per channel
+    (``per_channel=False``: one per tensor) starting at the rule ``init`` (LSQ's initial value, or ``"maxabs"``,
+    ``"mse"``), learned (with the weights' SGD, or their own plain SGD at ``step_lr``) or frozen with
+    ``learn_step=False``; clients upload their quantized weights with ``QATUploadCodec(bits)`` (or float32
+    updates with ``packed_upload=False``).
 
     Returns ``val_acc``, ``test_acc``, ``bytes_up`` (mean per client per round), ``state`` (the final LSQ
     model's state dict), ``steps`` (the global steps at rounds 0..R), ``rejected`` uploads and
-    ``floor_hits`` (channel-steps :class:`QATFedAvg` kept at its minimum step)."""
+    ``floor_hits`` (steps :class:`QATFedAvg` kept at its minimum step)."""
     train, test, val, parts = _book_run_inputs(seed)
     net = MLP(hidden=tuple(hidden))
     net.load_state_dict(start)
-    lsq = swap_to_lsq(net, bits, per_channel=True, learn_step=learn_step)
+    lsq = swap_to_lsq(net, bits, per_channel=per_channel, learn_step=learn_step, step_lr=step_lr, init=init)
     strategy = QATFedAvg()
     cfg = book_config(seed=seed, lr=lr, rounds=rounds, eval_every=rounds)
     run = run_federated(lsq, train, parts, val, cfg, uplink=QATUploadCodec(bits) if packed_upload else None,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..codecs import Codec
 from ..data import TensorDataset
-from ..distillation import KDLoss, run_logit_exchange
+from ..distillation import FedDF, KDLoss, run_logit_exchange
 from ..experiment import book_partition
 from ..federated import FedConfig, run_federated
 from ..models import build_model
@@ -25,7 +25,8 @@ __all__ = ["federated_task", "logit_exchange_task", "chapter_task"]
 def federated_task(*, seed: int, arch: str, train: TensorDataset, pool: torch.Tensor, test: TensorDataset,
                    val_idx: torch.Tensor, config: FedConfig, partition: str = "dirichlet",
                    teacher_logits: torch.Tensor | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                   label_smoothing: float = 0.0, uplink: Codec | None = None, label: str = "") -> dict:
+                   label_smoothing: float = 0.0, uplink: Codec | None = None, public: torch.Tensor | None = None,
+                   feddf: dict | None = None, label: str = "") -> dict:
     r"""One seed of FedAvg on a fresh ``arch`` (:func:`helpers.models.build_model`), for
     :func:`helpers.parallel.run_parallel`.
 
@@ -34,13 +35,25 @@ def federated_task(*, seed: int, arch: str, train: TensorDataset, pool: torch.Te
     With ``teacher_logits`` (indexed like ``train``) the clients' local loss is :class:`KDLoss`
     (``alpha``, ``temperature``); without, cross-entropy, with ``label_smoothing`` :math:`\varepsilon` if given
     (the target :math:`(1-\varepsilon)\,\text{one-hot} + \varepsilon/K`: KD's control with a uniform "teacher").
-    ``uplink`` is the clients' upload codec (float32 by default). Returns the final global ``model``, its
+    ``uplink`` is the clients' upload codec (float32 by default). With ``feddf`` (keyword arguments of
+    :class:`helpers.distillation.FedDF`: ``epochs``, ``lr``, ...) the server distills each round's average toward
+    the clients' ensemble on the images ``train.x[public]`` (``public``: training indices outside ``pool`` and
+    outside ``val_idx``; their labels are never read). Returns the final global ``model``, its
     ``history`` (test accuracy per round), and its accuracy on the validation images ``train[val_idx]``
     (for choosing hyper-parameters; indices, so a task pickles in a few bytes) and on ``test`` (for reporting).
     """
     parts = book_partition(train.y, partition, seed=seed, pool=pool)
     seed_everything(seed)
     model = build_model(arch, num_classes=train.num_classes)
+    strategy = None
+    if feddf is not None:
+        if public is None:
+            raise ValueError("feddf needs the public set's indices (public)")
+        public = torch.as_tensor(public, dtype=torch.long)
+        if bool(torch.isin(public, torch.as_tensor(pool, dtype=torch.long)).any()) or bool(
+                torch.isin(public, torch.as_tensor(val_idx, dtype=torch.long)).any()):
+            raise ValueError("public overlaps the client pool or the validation split")
+        strategy = FedDF(train.x[public], seed=seed, **feddf)
     if teacher_logits is not None and label_smoothing:
         raise ValueError("give teacher_logits (KD) or label_smoothing (its control), not both")
     if not 0 <= label_smoothing < 1:
@@ -53,7 +66,7 @@ def federated_task(*, seed: int, arch: str, train: TensorDataset, pool: torch.Te
     else:
         loss_fn = None
     run = run_federated(model, train, parts, test, dataclasses.replace(config, seed=seed), loss_fn=loss_fn,
-                        uplink=uplink, label=label)
+                        uplink=uplink, strategy=strategy, label=label)
     return {"model": run.model, "history": run.history, "val_acc": evaluate(run.model, train.subset(val_idx))[1],
             "test_acc": run.history.final_accuracy}
 

@@ -31,14 +31,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import psutil
 
-__all__ = ["DeploymentError", "RunOutcome", "LoopbackDeployment", "free_port", "port_is_free", "APP_DIR", "main"]
+from .task import APP_DIR, AppSettings, default_run_config, write_node_data
 
-APP_DIR = Path(__file__).resolve().parent / "app"
-"""The book's Flower app (its ``pyproject.toml`` names the ServerApp and ClientApp in :mod:`helpers.flower`)."""
+__all__ = ["DeploymentError", "RunOutcome", "LoopbackDeployment", "node_data_for", "free_port", "port_is_free",
+           "APP_DIR", "main"]
 
 HOST = "127.0.0.1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -106,6 +106,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
 
 
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _is_clientapp(p: psutil.Process) -> bool:
+    try:
+        return "flwr-clientapp" in p.name() or any("flwr-clientapp" in part for part in p.cmdline()[:2])
+    except psutil.Error:
+        return False
+
+
 def _toml_value(value: object) -> str:
     """A run-config value as TOML (what ``flwr run --run-config`` parses)."""
     if isinstance(value, bool):
@@ -135,7 +149,9 @@ class LoopbackDeployment:
         with LoopbackDeployment(2) as dep:
             outcome = dep.run(APP_DIR, {"num-server-rounds": 3}, timeout=300)
 
-    SuperNode ``i`` gets the node config ``partition-id=i num-partitions=N`` (plus ``node_config``).
+    SuperNode ``i`` gets the node config ``partition-id=i num-partitions=N`` (plus ``node_config``) and, if
+    ``node_data`` is given, ``data-path=node_data[i]``: the file holding that node's data and nothing else
+    (:func:`write_node_data`; :func:`node_data_for` writes them for a run configuration).
     ``superlink_port`` picks the SuperLink's port (default: a free one); a taken port is an error.
     ``log`` receives the progress lines (``print`` by default; ``None`` is silent).
     """
@@ -143,9 +159,11 @@ class LoopbackDeployment:
     def __init__(self, num_nodes: int, *, superlink_port: int | None = None,
                  node_config: Mapping[str, object] | None = None, workdir: str | Path | None = None,
                  startup_timeout: float = 120.0, log: Callable[[str], None] | None = print,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, node_data: Sequence[str | Path] | None = None) -> None:
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise ValueError(f"num_nodes must be an int ≥ 1, got {num_nodes!r}")
+        if node_data is not None and len(node_data) != num_nodes:
+            raise ValueError(f"node_data must name one file per node ({num_nodes}), got {len(node_data)}")
         if superlink_port is not None and not (isinstance(superlink_port, int) and 0 < superlink_port < 65536):
             raise ValueError(f"superlink_port must be a port number in 1..65535, got {superlink_port!r}")
         if startup_timeout <= 0:
@@ -153,6 +171,7 @@ class LoopbackDeployment:
         self.num_nodes = num_nodes
         self.superlink_port = superlink_port
         self.node_config = dict(node_config or {})
+        self.node_data = [str(Path(p).resolve()) for p in node_data] if node_data is not None else None
         self.startup_timeout = float(startup_timeout)
         self._log = log
         self._own_workdir = workdir is None
@@ -166,6 +185,7 @@ class LoopbackDeployment:
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self._runs = 0
+        self.killed: dict[str, int] = {}                         # role -> PID, stopped on purpose by kill_node
 
     # ---- set-up --------------------------------------------------------------------------------
     def _environment(self, extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -233,7 +253,7 @@ class LoopbackDeployment:
 
     def _check_alive(self, what: str) -> None:
         for role, proc in self.roots:
-            if proc.poll() is not None:
+            if proc.poll() is not None and role not in self.killed:
                 raise DeploymentError(f"{role} exited with code {proc.returncode} {what}; its log "
                                       f"({self.workdir / (role + '.log')}) ends with:\n{_tail(self.workdir / (role + '.log'))}")
 
@@ -267,6 +287,8 @@ class LoopbackDeployment:
             node_port = free_port(avoid={port, *self.node_ports})
             self.node_ports.append(node_port)
             cfg = {"partition-id": i, "num-partitions": self.num_nodes, **self.node_config}
+            if self.node_data is not None:
+                cfg["data-path"] = self.node_data[i]
             node = self._spawn(f"supernode-{i}", [
                 _executable("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{port}",
                 "--host", HOST, "--port", str(node_port),
@@ -393,6 +415,31 @@ class LoopbackDeployment:
             return "(flwr log timed out)"
         return "\n".join((res.stdout + res.stderr).splitlines()[-lines:])
 
+    # ---- faults --------------------------------------------------------------------------------
+    def kill_node(self, index: int, *, mid_round: bool = False, timeout: float = 120.0) -> int:
+        """Fault injection: ``SIGKILL`` SuperNode ``index`` by its PID, as a crashed machine would stop (no
+        goodbye to the SuperLink). With ``mid_round``, first wait (up to ``timeout`` s) until the node is running
+        a ClientApp, i.e. until it has pulled a message and is working on it. Returns the PID.
+
+        The deployment treats that node's exit as intended from then on; its children (SuperExec, ClientApp)
+        are still recorded and stopped by :meth:`stop`. A ``TimeoutError`` if the node never ran a ClientApp."""
+        roles = dict(self.roots)
+        role = f"supernode-{index}"
+        if role not in roles:
+            raise ValueError(f"no SuperNode {index}: this deployment has {self.num_nodes} (0..{self.num_nodes - 1})")
+        proc = roles[role]
+        deadline = time.monotonic() + timeout
+        while mid_round and not any(_is_clientapp(c) for c in _descendants(proc.pid)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperNode {index} ran no ClientApp within {timeout:.0f} s")
+            time.sleep(0.05)
+        self._record_tree()                                      # its children, so that stop() finds them
+        self.killed[role] = proc.pid
+        proc.kill()
+        proc.wait(timeout=10)
+        self.say(f"killed SuperNode {index} (pid {proc.pid}){' while it trained' if mid_round else ''}")
+        return proc.pid
+
     # ---- clean-up ------------------------------------------------------------------------------
     def alive(self) -> list[psutil.Process]:
         """The processes of this deployment (recorded by PID and start time) that are still running."""
@@ -456,6 +503,13 @@ class LoopbackDeployment:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def node_data_for(run_config: Mapping[str, object], directory: str | Path) -> list[Path]:
+    """Write every node's own data file for a run with ``run_config`` (overrides of the app's defaults, as
+    passed to :meth:`LoopbackDeployment.run`) into ``directory``; returns the paths, for ``node_data``."""
+    settings = AppSettings.from_run_config({**default_run_config(), **dict(run_config)})
+    return write_node_data(directory, settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m helpers.flower.launch``: the book's app on a loopback deployment (``make flower``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m helpers.flower.launch")
@@ -474,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     config = {"num-server-rounds": args.rounds, "num-nodes": args.nodes, "samples-per-node": args.samples,
               "partition": args.partition, "uplink": args.uplink}
     try:
-        with LoopbackDeployment(args.nodes, superlink_port=args.port) as dep:
-            outcome = dep.run(args.app, config, timeout=args.timeout)
+        with tempfile.TemporaryDirectory(prefix="flbook-node-data-") as data_dir:
+            paths = node_data_for(config, data_dir)      # each SuperNode gets a file with its own rows only
+            with LoopbackDeployment(args.nodes, superlink_port=args.port, node_data=paths) as dep:
+                outcome = dep.run(args.app, config, timeout=args.timeout)
     except (DeploymentError, ValueError) as exc:
         print(f"[flower] error: {exc}", file=sys.stderr)
         return 1

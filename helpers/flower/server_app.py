@@ -50,6 +50,7 @@ class EngineRun:
     server: Server
     nodes: dict[int, int]                       # partition id -> Flower node id
     dropped: list[tuple[int, int, str]]         # (round, partition id, reason): no usable reply
+    client_seconds: list[dict]                  # per reply: round, partition id and the ClientApp's phases (s)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -103,7 +104,7 @@ def run_rounds(grid: Grid, settings: AppSettings, log: Callable[[str], None] = p
     # With every node in every round the replies say who is who; sampling by id needs the map first.
     node_of = {} if cfg.fraction == 1.0 else partition_map(grid, nodes, settings.num_nodes, settings.round_timeout)
     rng = np.random.default_rng(cfg.seed)
-    history, dropped = History(label="flower"), []
+    history, dropped, client_seconds = History(label="flower"), [], []
     for round_idx in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         strategy.before_round(round_idx, server)
@@ -123,6 +124,8 @@ def run_rounds(grid: Grid, settings: AppSettings, log: Callable[[str], None] = p
             pid = _check_partition(m["partition-id"], settings.num_nodes, owner, node)
             owner[pid] = node
             replies[pid] = (record_payload(reply.content["update"]), int(m["num-examples"]), float(m["train-loss"]))
+            client_seconds.append({"round": round_idx, "partition-id": pid,
+                                   **{k[len("seconds-"):]: float(v) for k, v in m.items() if k.startswith("seconds-")}})
         node_of.update(owner)
         # The simulator's bookkeeping (helpers.federated.RoundTally), in client-id order.
         tally = RoundTally()
@@ -138,7 +141,7 @@ def run_rounds(grid: Grid, settings: AppSettings, log: Callable[[str], None] = p
         acc = "  -   " if math.isnan(record.test_acc) else f"{record.test_acc:.4f}"
         log(f"round {round_idx}/{cfg.rounds}: test acc {acc}, {len(replies)}/{len(chosen)} replies, "
             f"up {record.bytes_up:,} B, {record.seconds:.1f} s")
-    return EngineRun(server.model, history, server, dict(sorted(node_of.items())), dropped)
+    return EngineRun(server.model, history, server, dict(sorted(node_of.items())), dropped, client_seconds)
 
 
 @app.main()
@@ -166,6 +169,7 @@ def main(grid: Grid, context: Context) -> None:
         "bytes_up_per_client": run.history.bytes_up_per_client,
         "nodes": {str(k): v for k, v in run.nodes.items()},
         "dropped": run.dropped,
+        "client_seconds": run.client_seconds,
         "rejected": run.server.rejected,
         "torch_threads": torch.get_num_threads(),
     }

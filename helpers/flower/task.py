@@ -16,17 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
 from ..codecs import Codec, Float16Codec, Float32Codec, QuantizedCodec
-from ..data import TensorDataset
+from ..data import TensorDataset, load_dataset
 from ..experiment import BOOK_SEED, book_config, book_partition, validation_split
 from ..federated import FedConfig
 from ..models import SmallCNN
 
 __all__ = ["APP_DIR", "PAYLOAD_KEY", "AppSettings", "default_run_config", "make_run_config", "make_codec",
-           "node_partition", "initial_model", "test_subset", "payload_record", "record_payload"]
+           "node_partition", "write_node_data", "read_node_data", "initial_model", "test_subset", "payload_record",
+           "record_payload"]
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 PAYLOAD_KEY = "payload"
@@ -124,6 +126,54 @@ def node_partition(labels: torch.Tensor, settings: AppSettings) -> list[torch.Te
         pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(settings.fed.seed))[:need]
         pool = pool[pick.sort().values]
     return book_partition(labels, settings.partition, settings.num_nodes, settings.fed.seed, pool=pool)
+
+
+_PARTITIONS = ("iid", "dirichlet", "shards")
+_NODE_FILE_VERSION = 1
+
+
+def _node_meta(settings: AppSettings, pid: int) -> np.ndarray:
+    """What a node file was cut for: (format version, partition id, nodes, seed, samples per node, partition)."""
+    return np.array([_NODE_FILE_VERSION, pid, settings.num_nodes, settings.fed.seed, settings.samples_per_node,
+                     _PARTITIONS.index(settings.partition)], dtype=np.int64)
+
+
+def write_node_data(directory: str | Path, settings: AppSettings, train: TensorDataset | None = None) -> list[Path]:
+    """Give every node its own data: write node ``i``'s rows of ``train`` (:func:`node_partition`) to
+    ``directory/node-<i>.npz`` and return the paths, node ``i``'s at position ``i``.
+
+    The file holds the node's images and labels (in partition order, so the node's local SGD sees the same
+    minibatches as the simulator's client) and the settings it was cut for, which :func:`read_node_data`
+    checks. It is a plain ``.npz`` of numeric arrays, read with ``allow_pickle=False``: no code in a data file.
+    ``train`` defaults to the full Fashion-MNIST training set."""
+    train = load_dataset("fashion_mnist", train=True) if train is None else train
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for pid, idx in enumerate(node_partition(train.y, settings)):
+        path = directory / f"node-{pid}.npz"
+        np.savez(path, x=train.x[idx].numpy(), y=train.y[idx].numpy(), meta=_node_meta(settings, pid),
+                 classes=np.array(train.classes))
+        paths.append(path)
+    return paths
+
+
+def read_node_data(path: str | Path, pid: int, settings: AppSettings) -> TensorDataset:
+    """Node ``pid``'s own data from a file written by :func:`write_node_data`; a ``ValueError`` if the file
+    was cut for another node or another run (partition, seed, number of nodes or samples differ)."""
+    with np.load(Path(path), allow_pickle=False) as f:
+        missing = {"x", "y", "meta", "classes"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path} is not a node data file (it lacks {sorted(missing)})")
+        x, y, meta, classes = f["x"], f["y"], f["meta"], f["classes"]
+    expected = _node_meta(settings, pid)
+    if meta.shape != expected.shape or not np.array_equal(meta, expected):
+        raise ValueError(f"{path} was written for (version, partition-id, num-nodes, seed, samples-per-node, partition) "
+                         f"= {meta.tolist()}, this node and run need {expected.tolist()}")
+    if x.dtype != np.float32 or x.ndim != 4 or y.dtype != np.int64 or y.shape != (len(x),) or len(x) == 0:
+        raise ValueError(f"{path}: expected float32 images (N, C, H, W) and N int64 labels, got "
+                         f"{x.dtype} {x.shape} and {y.dtype} {y.shape}")
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y), tuple(str(c) for c in classes))
 
 
 def initial_model(seed: int = BOOK_SEED) -> SmallCNN:
