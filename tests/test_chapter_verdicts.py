@@ -22,7 +22,8 @@ REQUIRED = ["ch1_central_vs_iid", "ch1_iid_vs_dirichlet", "ch2_sr_vs_det_2bit", 
             "ch4_kd_vs_scratch", "ch6_seen_vs_unseen", "ch6_trimmed_vs_fedavg_signflip",
             # issue 21: the seed's lessons in the regimes where they should hold
             "ch1_central_same_schedule_vs_iid", "ch1_central_halving_vs_constant", "ch2_learned_vs_frozen_maxabs_2bit", "ch3_gradual_vs_oneshot_090", "ch3_gradual_vs_oneshot_095",
-            "ch3_q4_vs_top10", "ch4_kd_vs_label_smoothing", "ch4_logits_vs_mlp16_q8"]
+            "ch3_q4_vs_top10", "ch4_kd_vs_label_smoothing", "ch4_logits_vs_mlp16_q8",
+            "ch4_feddf_vs_fedavg_shards"]
 
 
 def glued(path: Path) -> dict[str, str]:
