@@ -119,7 +119,7 @@ $(UV): $(STAMP)
 
 lock: $(UV)
 	@keep=$$(mktemp); grep -v '^#' requirements.txt | sed 's/ *;.*//' > $$keep; \
-	$(UV) pip compile pyproject.toml --extra deploy --extra download --extra flower --extra test --extra book --universal \
+	$(UV) pip compile pyproject.toml --extra deploy --extra download --extra flower --extra privacy --extra test --extra book --universal \
 	  --python-version $(LOCK_PYTHON) --no-header --no-annotate -q $(if $(UPGRADE),,-c $$keep) -o $$keep.new; \
 	{ grep '^#' requirements.txt; cat $$keep.new; } > $$keep.lock; mv $$keep.lock requirements.txt; rm -f $$keep $$keep.new; \
 	echo "requirements.txt: $$(grep -c '==' requirements.txt) pins"
