@@ -124,10 +124,13 @@ lock: $(UV)
 	{ grep '^#' requirements.txt; cat $$keep.new; } > $$keep.lock; mv $$keep.lock requirements.txt; rm -f $$keep $$keep.new; \
 	echo "requirements.txt: $$(grep -c '==' requirements.txt) pins"
 
+# Pure-Python packages published only as source (no wheel): pip builds them anywhere. antlr4-python3-runtime
+# comes with executorch (via hydra-core/omegaconf); every other package must resolve to a wheel.
+SDIST_ONLY := antlr4-python3-runtime
 check-lock: $(UV)
 	@failed=""; for platform in $(LOCK_PLATFORMS); do for python in $(LOCK_PYTHONS); do \
 	  if out=$$(MACOSX_DEPLOYMENT_TARGET=14.0 $(UV) pip compile requirements.txt --python-platform $$platform \
-	      --python-version $$python --only-binary :all: --no-header --no-annotate -q 2>&1); then \
+	      --python-version $$python --only-binary :all: $(foreach p,$(SDIST_ONLY),--no-binary $(p)) --no-header --no-annotate -q 2>&1); then \
 	    echo "check-lock: $$platform, Python $$python: resolved, $$(grep -c '==' <<< "$$out") wheels"; \
 	  else echo "check-lock: $$platform, Python $$python: FAILED"; echo "$$out" | head -5; failed="$$failed $$platform/$$python"; fi; \
 	done; done; \
