@@ -23,7 +23,12 @@ REQUIRED = ["ch1_central_vs_iid", "ch1_iid_vs_dirichlet", "ch2_sr_vs_det_2bit", 
             # issue 21: the seed's lessons in the regimes where they should hold
             "ch1_central_same_schedule_vs_iid", "ch1_central_halving_vs_constant", "ch2_learned_vs_frozen_maxabs_2bit", "ch3_gradual_vs_oneshot_090", "ch3_gradual_vs_oneshot_095",
             "ch3_q4_vs_top10", "ch4_kd_vs_label_smoothing", "ch4_logits_vs_mlp16_q8",
-            "ch4_feddf_vs_fedavg_shards"]
+            "ch4_feddf_vs_fedavg_shards",
+            # issue 23: Chapter 6's methods, skew, stragglers and attacks sections
+            "ch6_scaffold_vs_fedavg_alpha005", "ch6_scaffold_vs_fedavg_time", "ch6_scaffold_q4var_vs_f32var",
+            "ch6_q4_vs_f32_alpha005", "ch6_local_only_vs_global", "ch6_auc_wait_q4_vs_wait",
+            "ch6_auc_deadline_q4_vs_wait_q4", "ch6_alie_median_vs_clean", "ch6_alie_trimmed_vs_clean",
+            "ch6_alie_normbound_vs_clean"]
 
 
 def glued(path: Path) -> dict[str, str]:

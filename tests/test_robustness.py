@@ -266,3 +266,51 @@ def test_the_held_out_bad_inputs_raise_clear_errors_naming_the_parameter(small_t
     cnn_state["classifier.2.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"start_state\['classifier\.2\.weight'\] has shape"):
         client.local_update(SmallCNN(), cnn_state, small_train, FedConfig(rounds=1), 1)
+
+
+# ---------------------------------------------------------------- ALIE: an attack inside the honest spread
+from helpers.attacks import ALIE, alie_update, alie_z, robust_strategy  # noqa: E402
+from helpers.data import partition_dirichlet  # noqa: E402
+
+
+def test_alie_z_and_update_by_hand():
+    # m = 10, a = 2: s = floor(6) - 2 = 4, z = Phi^-1(6/10)
+    assert alie_z(10, 2) == pytest.approx(0.2533471, abs=1e-6)
+    assert alie_z(10, 1) == pytest.approx(0.0, abs=1e-12)          # s = 5: Phi^-1(1/2)
+    ups = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([2.0, 3.0])}]
+    # mean [2, 1], population std [sqrt(2/3), sqrt(2)]
+    out = alie_update(ups, 1.5)["w"]
+    assert torch.allclose(out, torch.tensor([2 - 1.5 * math.sqrt(2 / 3), 1 - 1.5 * math.sqrt(2)]))
+    for bad in ((10, 0), (10, 10), (3, -1)):
+        with pytest.raises(ValueError):
+            alie_z(*bad)
+    with pytest.raises(ValueError, match="z"):
+        alie_update(ups, float("nan"))
+    with pytest.raises(TypeError, match="strategy"):
+        ALIE("median", [1], Float32Codec())
+    with pytest.raises(TypeError, match="codec"):
+        ALIE(FedAvg(), [1], "float32")
+
+
+def test_alie_evades_the_norm_bound_and_moves_the_median(small_train, small_test):
+    """On real data: ALIE's crafted update is never bounded, arrives as a valid payload's decoding, replaces
+    exactly the attackers' updates, and pulls the coordinate-wise median away from the honest run's."""
+    parts = partition_dirichlet(small_train.y, 10, 0.5, seed=0)
+    cfg = FedConfig(rounds=2, fraction=1.0, local_steps=5, batch_size=32, lr=0.02, momentum=0.9, seed=0)
+
+    def run(strategy):
+        seed_everything(0)
+        return run_federated(MLP(hidden=(32,)), small_train, parts, small_test, cfg, strategy=strategy)
+
+    norm = ALIE(FedAvg(), [3, 7], Float32Codec(), z=1.0)
+    attacked = run(norm)
+    assert attacked.history.column("bounded") == [0, 0] and norm.z_used == [1.0, 1.0]
+    honest_med = run(robust_strategy("median"))
+    med = ALIE(robust_strategy("median"), [3, 7], QuantizedCodec(8))
+    attacked_med = run(med)
+    assert med.z_used == [pytest.approx(alie_z(10, 2))] * 2
+    a, b = float_state(attacked_med.model), float_state(honest_med.model)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # the wrapper changes nothing without attackers in the round
+    none = run(ALIE(robust_strategy("median"), [], Float32Codec()))
+    assert all(torch.equal(v, float_state(none.model)[k]) for k, v in b.items())
