@@ -83,7 +83,7 @@ def torch_version(py: str) -> str:
     return run([py, "-c", "import torch; print(torch.__version__)"]).strip()
 
 
-@pytest.mark.parametrize("extras", ["", "[deploy]", "[flower]"])
+@pytest.mark.parametrize("extras", ["", "[deploy]", "[flower]", "[privacy]"])
 def test_a_chapter_opens_on_colab_with_colab_s_torch_and_no_myst_nb(colab_venv, package, extras):
     chapters = [nb for nb in CHAPTERS if (colab_cell(nb)["extras"] or "") == extras]
     assert chapters, f"no chapter installs flbook-helpers{extras}"

@@ -23,9 +23,9 @@ FLOORS = [
     ["codecs.quantized", "codecs.sparse"],
     ["codecs"],
     ["federated"],
-    ["pruning", "distillation", "heterogeneity", "systems", "attacks", "deploy"],
+    ["pruning", "distillation", "heterogeneity", "systems", "attacks", "deploy", "executorch_runtime", "privacy"],
     ["experiment"],                                          # the lab starts here
-    ["chapters.ch2", "chapters.ch3", "chapters.ch4", "chapters.ch6", "flower.task"],
+    ["chapters.ch2", "chapters.ch3", "chapters.ch4", "chapters.ch6", "chapters.ch8", "flower.task"],
     ["chapters", "flower.client_app", "flower.server_app", "flower.launch"],
     ["flower"],
 ]

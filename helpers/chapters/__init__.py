@@ -5,6 +5,6 @@ it imports the library and the book's setting (:mod:`helpers.experiment`). A cha
 is short defines it in the notebook instead, where the reader sees it.
 """
 
-from . import ch2, ch3, ch4, ch6
+from . import ch2, ch3, ch4, ch6, ch8
 
-__all__ = ["ch2", "ch3", "ch4", "ch6"]
+__all__ = ["ch2", "ch3", "ch4", "ch6", "ch8"]
