@@ -29,6 +29,9 @@ REQUIRED = ["ch1_central_vs_iid", "ch1_iid_vs_dirichlet", "ch2_sr_vs_det_2bit", 
             "ch6_q4_vs_f32_alpha005", "ch6_local_only_vs_global", "ch6_auc_wait_q4_vs_wait",
             "ch6_auc_deadline_q4_vs_wait_q4", "ch6_alie_median_vs_clean", "ch6_alie_trimmed_vs_clean",
             "ch6_alie_normbound_vs_clean",
+            "ch6_q4_vs_f32_signflip20_trimmed", "ch6_noise_vs_clean_fedavg",
+            # issue 23: Chapter 5's int8 variants over six seeds
+            "ch5_static_vs_fp32", "ch5_per_tensor_vs_per_channel", "ch5_calib_test_vs_client0",
             # issue 25: Chapter 8 (PSNR comparisons in dB with a 1 dB margin; accuracy in pp)
             "ch8_psnr_f32_vs_q2", "ch8_psnr_f32_vs_top1", "ch8_psnr_q2ef_vs_q2", "ch8_psnr_b1_vs_b32", "ch8_dp_q8_vs_dp",
             "ch8_nodp_vs_dp"]

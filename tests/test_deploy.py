@@ -265,3 +265,30 @@ def test_federated_channel_pruner_masks_the_global_model(small_train, small_test
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(small_test.x[:200]), run.model.eval()(small_test.x[:200]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_farthest_client_by_hand():
+    from helpers.chapters.ch5 import farthest_client
+    labels = torch.tensor([0, 0, 1, 1, 0, 1, 2, 2, 2, 0])
+    parts = [torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([6, 7, 8]), torch.tensor([4, 9])]
+    # client 0: {0: 1/2, 1: 1/2}; client 2 holds only label 2 (TV distance 1), the others at most 1/2
+    assert farthest_client(labels, parts, 3) == 2
+    assert farthest_client(labels, parts, 3, to=2) in (0, 1, 3)
+
+
+def test_int8_variants_task_on_real_data(small_train, small_test):
+    """One seed of the section's grid on a real slice: the float32 ONNX file scores what PyTorch scores, every
+    int8 file is smaller than it and within 2 points of its accuracy, and the farthest client is not client 0."""
+    from helpers.chapters import ch5
+    from helpers.data import partition_dirichlet
+    from helpers.federated import FedConfig
+    parts = partition_dirichlet(small_train.y, 10, 0.5, seed=0)
+    cfg = FedConfig(rounds=3, fraction=1.0, local_steps=40, batch_size=32, lr=0.04, momentum=0.9, seed=0)
+    r = ch5.int8_variants_task(seed=0, train=small_train, test=small_test, partition=parts, config=cfg, calib_size=64)
+    assert set(r["acc"]) == {"float32", *ch5.INT8_VARIANTS}
+    assert abs(r["acc"]["float32"] - r["torch_acc"]) <= 0.001
+    assert r["acc"]["float32"] > 0.5, r["acc"]
+    for name in ch5.INT8_VARIANTS:
+        assert r["bytes"][name] < r["bytes"]["float32"], name
+        assert abs(r["acc"][name] - r["acc"]["float32"]) < 0.02, (name, r["acc"])
+    assert r["far_client"] != 0

@@ -25,7 +25,7 @@ FLOORS = [
     ["federated"],
     ["pruning", "distillation", "heterogeneity", "systems", "attacks", "deploy", "executorch_runtime", "privacy"],
     ["experiment"],                                          # the lab starts here
-    ["chapters.ch2", "chapters.ch3", "chapters.ch4", "chapters.ch6", "chapters.ch8", "flower.task"],
+    ["chapters.ch2", "chapters.ch3", "chapters.ch4", "chapters.ch5", "chapters.ch6", "chapters.ch8", "flower.task"],
     ["chapters", "flower.client_app", "flower.server_app", "flower.launch"],
     ["flower"],
 ]

@@ -314,3 +314,22 @@ def test_alie_evades_the_norm_bound_and_moves_the_median(small_train, small_test
     # the wrapper changes nothing without attackers in the round
     none = run(ALIE(robust_strategy("median"), [], Float32Codec()))
     assert all(torch.equal(v, float_state(none.model)[k]) for k, v in b.items())
+
+
+def test_the_attack_grid_task_names_bad_arguments_and_its_sign_flip_hurts_fedavg(small_train, small_test):
+    """Chapter 6's attack-grid run: bad codec/attack names fail before any training; on real data two
+    sign-flipping clients in ten (scale 10) cost plain FedAvg accuracy, while the trimmed mean keeps most of it."""
+    from helpers.chapters import ch6
+    parts = partition_dirichlet(small_train.y, 10, 0.5, seed=0)
+    cfg = FedConfig(rounds=3, fraction=1.0, local_steps=5, batch_size=32, lr=0.02, momentum=0.9, seed=0)
+    kw = dict(seed=0, train=small_train, test=small_test, partition=parts, config=cfg)
+    with pytest.raises(ValueError, match="codec"):
+        ch6.attack_task(**kw, rule="fedavg", codec="q3")
+    with pytest.raises(ValueError, match="attack"):
+        ch6.attack_task(**kw, rule="fedavg", attack="backdoor", fraction=0.2)
+    clean = ch6.attack_task(**kw, rule="fedavg")
+    flipped = ch6.attack_task(**kw, rule="fedavg", attack="signflip", fraction=0.2)
+    trimmed = ch6.attack_task(**kw, rule="trimmed", attack="signflip", fraction=0.2, codec="q4")
+    assert clean["attackers"] == [] and len(flipped["attackers"]) == 2 and flipped["rejected"] == 0
+    assert flipped["acc"] < clean["acc"] - 0.1, (flipped, clean)
+    assert trimmed["acc"] > flipped["acc"] + 0.1, (trimmed, flipped)

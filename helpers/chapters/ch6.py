@@ -1,8 +1,8 @@
 r"""Chapter 6's experiments, one run each, as tasks for :func:`helpers.parallel.run_parallel`: the non-IID
-sweep (FedAvg and FedProx), generalization to unseen clients and stragglers on the simulated clock. (The
-attack grid's run is short and defined in the notebook.) The section notebooks add SCAFFOLD and compressed
-arms on the sweep (:func:`drift_task`, timed by :func:`wait_clock`), the local-only baseline
-(:func:`local_only_task`) and the ALIE attack (:func:`alie_task`)."""
+sweep (FedAvg and FedProx), generalization to unseen clients, stragglers on the simulated clock and the
+attack grid (:func:`attack_task`). The section notebooks add SCAFFOLD and compressed arms on the sweep
+(:func:`drift_task`, timed by :func:`wait_clock`), the local-only baseline (:func:`local_only_task`), the
+attack grid's noise and 4-bit conditions and the ALIE attack (:func:`alie_task`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..aggregation import FedAvg
-from ..attacks import ALIE, choose_attackers, robust_strategy
+from ..attacks import ALIE, GaussianNoise, SignFlip, choose_attackers, robust_strategy
 from ..codecs import Float32Codec, QuantizedCodec, TopKCodec
 from ..data import TensorDataset, split_indices
 from ..federated import FedConfig, run_federated, samples_seen
@@ -25,7 +25,7 @@ from ..systems import DeadlineFedAvg, draw_profiles
 from ..training import evaluate
 
 __all__ = ["alpha_task", "generalization_task", "systems_task", "wait_clock", "drift_task", "local_only_task",
-           "alie_task"]
+           "attack_task", "alie_task"]
 
 
 def _mlp(seed: int) -> nn.Module:
@@ -146,6 +146,27 @@ def local_only_task(*, seed: int, train: TensorDataset, partition: Sequence[torc
     curves = [fine_tune_curve(_mlp(seed * 7919 + k), train, splits[k][0], splits[k][1], checkpoints, lr=lr,
                               seed=seed * 7919 + k) for k in range(participants, len(partition))]
     return {"curves": curves}
+
+
+def attack_task(*, seed: int, train: TensorDataset, test: TensorDataset, partition: Sequence[torch.Tensor],
+                config: FedConfig, rule: str, attack: str = "none", fraction: float = 0.0, scale: float = 10.0,
+                codec: str = "float32") -> dict:
+    r"""One run of the attack grid: the book's MLP, server ``rule`` (a :func:`~helpers.attacks.robust_strategy`
+    rule), ``attack`` (``"none"``, ``"signflip"``: send :math:`-\text{scale}\,\Delta_k`; ``"noise"``: send
+    Gaussian noise of ``scale`` times :math:`\lVert\Delta_k\rVert`) by ``fraction`` of the clients, uplink
+    ``codec`` (``"float32"`` or ``"q4"``). Returns the final test ``acc``, the ``attackers`` and the number of
+    payloads the server ``rejected``."""
+    if codec not in ("float32", "q4"):
+        raise ValueError(f"codec must be 'float32' or 'q4', got {codec!r}")
+    kinds = {"signflip": SignFlip, "noise": GaussianNoise}
+    if attack != "none" and attack not in kinds:
+        raise ValueError(f"attack must be 'none', 'signflip' or 'noise', got {attack!r}")
+    make = Float32Codec if codec == "float32" else (lambda: QuantizedCodec(4))
+    attackers = choose_attackers(len(partition), fraction, seed) if attack != "none" else []
+    transmit = kinds[attack](attackers, make(), scale, seed) if attackers else None
+    run = run_federated(_mlp(seed), train, partition, test, dataclasses.replace(config, seed=seed), uplink=make(),
+                        strategy=robust_strategy(rule), transmit=transmit)
+    return {"acc": run.history.final_accuracy, "attackers": attackers, "rejected": len(run.server.rejected)}
 
 
 def alie_task(*, seed: int, train: TensorDataset, test: TensorDataset, partition: Sequence[torch.Tensor],
