@@ -536,8 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[flower] error: {exc}", file=sys.stderr)
         return 1
     rows = outcome.result.get("rounds", [])
+    fed = outcome.result.get("federated_eval", {})
     for r in rows:
-        print(f"round {r['round']}: test accuracy {r['test_acc']:.4f}, uplink {r['bytes_up']:,} bytes "
+        nodes = fed.get(str(r["round"]))
+        on_nodes = f", on the nodes' own test splits {nodes['eval-acc']:.4f}" if nodes else ""
+        print(f"round {r['round']}: test accuracy {r['test_acc']:.4f}{on_nodes}, uplink {r['bytes_up']:,} bytes "
               f"({r['bytes_up'] // max(1, r['clients']):,} per client), downlink {r['bytes_down']:,} bytes")
     if rows:
         print(f"final test accuracy {rows[-1]['test_acc']:.4f} after {len(rows)} rounds on {args.nodes} SuperNodes "
