@@ -23,10 +23,14 @@ from helpers.codecs import Float32Codec, QuantizedCodec
 from helpers.federated import run_federated
 from helpers.flower import client_app, task
 from helpers.flower.launch import APP_DIR, DeploymentError, LoopbackDeployment, node_data_for
+from helpers.flower import simulation
 from helpers.training import float_state
 
 
-def simulate(settings, train, test, nodes=None):
+needs_ray = pytest.mark.skipif(not simulation.ray_available(), reason='needs Ray: pip install "flwr[simulation]"')
+
+
+def simulate(settings, train, test, nodes=None, uplink=None, downlink=None):
     """The simulator on the app's settings (only the partitions of ``nodes``, default all), one torch thread
     like every app process."""
     parts = task.node_partition(train.y, settings)
@@ -35,8 +39,8 @@ def simulate(settings, train, test, nodes=None):
     try:
         return run_federated(task.initial_model(settings.fed.seed), train,
                              parts if nodes is None else [parts[i] for i in nodes], task.test_subset(test, settings),
-                             settings.fed, uplink=task.make_codec(settings.uplink),
-                             downlink=task.make_codec(settings.downlink))
+                             settings.fed, uplink=task.make_codec(uplink or settings.uplink),
+                             downlink=task.make_codec(downlink or settings.downlink))
     finally:
         torch.set_num_threads(threads)
 
@@ -71,6 +75,10 @@ def test_run_config_is_checked():
         task.AppSettings.from_run_config(task.make_run_config(uplink="zip"))
     with pytest.raises(ValueError, match="samples-per-node"):
         task.AppSettings.from_run_config(task.make_run_config(samples_per_node=-1))
+    with pytest.raises(ValueError, match="strategy"):
+        task.AppSettings.from_run_config(task.make_run_config(strategy="fedprox"))
+    with pytest.raises(ValueError, match="fraction-evaluate"):
+        task.AppSettings.from_run_config(task.make_run_config(fraction_evaluate=1.5))
 
 
 def test_node_partitions_are_disjoint_and_sized(fmnist_train):
@@ -95,6 +103,11 @@ def test_each_node_file_holds_its_own_rows_and_nothing_else(fmnist_train, tmp_pa
         # the file holds exactly this node's rows: no row of any other node, and none of the validation images
         others = torch.cat([p for j, p in enumerate(parts) if j != pid])
         assert len(own) == len(idx) and not set(idx.tolist()) & set(others.tolist())
+    # each node also holds its own test split; the splits are disjoint and cover the test set
+    tests = [task.read_node_test(path, pid, settings) for pid, path in enumerate(paths)]
+    full = client_app.load_dataset("fashion_mnist", train=False)
+    assert sum(len(t) for t in tests) == len(full)
+    assert all(torch.equal(t.y, full.y[task.node_test_rows(len(full), settings, pid)]) for pid, t in enumerate(tests))
     # a file is checked against the node and the run it is read for
     with pytest.raises(ValueError, match="written for"):
         task.read_node_data(paths[0], 1, settings)
@@ -161,6 +174,9 @@ def test_engine_status_parity_and_cleanup(fmnist_train, fmnist_test, tmp_path):
     assert outcome.result["dropped"] == [] and outcome.result["rejected"] == []
     sim_state = float_state(sim.model)
     assert max(float((engine[k] - sim_state[k]).abs().max()) for k in sim_state) == 0.0
+    # Federated evaluation: both nodes evaluated the global model on their own test splits (all 10,000 images)
+    fed = outcome.result["federated_eval"]["1"]
+    assert fed["nodes"] == 2 and fed["images"] == len(fmnist_test) and 0.0 < fed["eval-acc"] < 1.0
     # Clean-up: every process of the tree (SuperLink, SuperNodes, SuperExecs, app processes) is gone.
     assert len(recorded) >= 1 + 2 + 2       # at least SuperLink, 2 SuperNodes, their SuperExecs
     assert_nothing_left(recorded, dep)
@@ -171,7 +187,7 @@ def test_a_supernode_killed_mid_round(fmnist_train, fmnist_test, tmp_path):
     finishes, the global model is the simulator's FedAvg of the surviving clients (bit for bit), and no
     process is left behind."""
     config = task.make_run_config(num_server_rounds=2, num_nodes=3, samples_per_node=300, uplink="q8",
-                                  test_samples=500, round_timeout=20.0)
+                                  test_samples=500, round_timeout=20.0, fraction_evaluate=0.0)
     overrides = {k: v for k, v in config.items() if k != "result-dir"}
     dep = LoopbackDeployment(3, log=None, node_data=node_data_for(overrides, tmp_path))
     killer_error = []
@@ -222,3 +238,58 @@ def test_the_chapter_real_machine_commands_use_existing_flags():
             assert flag in helptext, f"{' '.join(words[:3])}: {flag} is not in its --help"
             checked += 1
     assert checked >= 10, checked
+
+
+def test_the_simulation_engine_needs_ray_and_says_so(monkeypatch):
+    monkeypatch.setattr(simulation, "ray_available", lambda: False)
+    with pytest.raises(ImportError, match="flwr\\[simulation\\]"):
+        simulation.run_on_simulation_engine({}, 4)
+    with pytest.raises(ValueError, match="num_supernodes"):
+        simulation.run_on_simulation_engine({}, 0)
+
+
+def ray_left():
+    """Ray processes (raylet, GCS, workers) still running as children of this process."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if any(n in p.name() for n in ("raylet", "gcs_server", "ray::", "default_worker"))]
+
+
+@needs_ray
+def test_simulation_engine_parity_federated_evaluation_and_ray_cleanup(fmnist_train, fmnist_test):
+    """The same app on 10 virtual SuperNodes, 3 sampled per round (BookFedAvg samples client ids as the
+    simulator does): bit-identical to the simulator; the nodes' own test splits cover the test set, so
+    Flower's weighted mean of their accuracies is the central accuracy; Ray is shut down, nothing is left."""
+    import ray
+
+    overrides = dict(num_server_rounds=2, samples_per_node=300, fraction=0.3, test_samples=0)
+    outcome = simulation.run_on_simulation_engine({k.replace("_", "-"): v for k, v in overrides.items()}, 10)
+    assert not ray.is_initialized() and ray_left() == []
+    settings = task.AppSettings.from_run_config(task.make_run_config(num_nodes=10, **overrides))
+    sim = simulate(settings, fmnist_train, fmnist_test)
+    engine = Float32Codec().decode(outcome.files["global.bin"])
+    sim_state = float_state(sim.model)
+    assert max(float((engine[k] - sim_state[k]).abs().max()) for k in sim_state) == 0.0
+    rows = outcome.result["rounds"]
+    assert [r["clients"] for r in rows] == [3, 3] and [r["test_acc"] for r in rows] == sim.history.column("test_acc")
+    assert [r["bytes_up"] for r in rows] == sim.history.column("bytes_up")
+    fed = outcome.result["federated_eval"]
+    assert sorted(fed) == ["1", "2"] and all(f["nodes"] == 10 and f["images"] == 10_000 for f in fed.values())
+    assert all(abs(fed[str(r["round"])]["eval-acc"] - r["test_acc"]) < 1e-9 for r in rows)
+
+
+@needs_ray
+def test_flower_builtin_fedavg_matches_the_book_on_float32(fmnist_train, fmnist_test):
+    """Flower's own FedAvg (weights averaged, float32 arrays both ways) against the book's FedAvg (updates
+    averaged, the float32 codec) on the same clients: the same global model up to float32 rounding."""
+    overrides = {"num-server-rounds": 2, "samples-per-node": 300, "test-samples": 1000,
+                 "strategy": "flower-fedavg", "fraction-evaluate": 0.0}
+    outcome = simulation.run_on_simulation_engine(overrides, 3)
+    assert ray_left() == []
+    settings = task.AppSettings.from_run_config(task.make_run_config(
+        num_nodes=3, **{k.replace("-", "_"): v for k, v in overrides.items()}))
+    book = simulate(settings, fmnist_train, fmnist_test, uplink="float32", downlink="float32")
+    flower = Float32Codec().decode(outcome.files["global.bin"])
+    diff = max(float((flower[k] - v).abs().max()) for k, v in float_state(book.model).items())
+    assert 0.0 <= diff < 1e-4, diff
+    accs = [r["test_acc"] for r in outcome.result["rounds"]]
+    assert len(accs) == 2 and abs(accs[-1] - book.history.final_accuracy) <= 0.005

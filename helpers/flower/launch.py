@@ -417,12 +417,13 @@ class LoopbackDeployment:
 
     # ---- faults --------------------------------------------------------------------------------
     def kill_node(self, index: int, *, mid_round: bool = False, timeout: float = 120.0) -> int:
-        """Fault injection: ``SIGKILL`` SuperNode ``index`` by its PID, as a crashed machine would stop (no
-        goodbye to the SuperLink). With ``mid_round``, first wait (up to ``timeout`` s) until the node is running
-        a ClientApp, i.e. until it has pulled a message and is working on it. Returns the PID.
+        """Fault injection: ``SIGKILL`` SuperNode ``index`` by its PID, then its children (SuperExec, ClientApp)
+        by theirs, as a crashed machine would stop (no goodbye to the SuperLink, no half-finished reply). With
+        ``mid_round``, first wait (up to ``timeout`` s) until the node is running a ClientApp, i.e. until it has
+        pulled a message and is working on it. Returns the PID.
 
-        The deployment treats that node's exit as intended from then on; its children (SuperExec, ClientApp)
-        are still recorded and stopped by :meth:`stop`. A ``TimeoutError`` if the node never ran a ClientApp."""
+        The deployment treats that node's exit as intended from then on; any child still alive is recorded and
+        stopped by :meth:`stop`. A ``TimeoutError`` if the node never ran a ClientApp."""
         roles = dict(self.roots)
         role = f"supernode-{index}"
         if role not in roles:
@@ -434,8 +435,14 @@ class LoopbackDeployment:
                 raise TimeoutError(f"SuperNode {index} ran no ClientApp within {timeout:.0f} s")
             time.sleep(0.05)
         self._record_tree()                                      # its children, so that stop() finds them
+        children = _descendants(proc.pid)
         self.killed[role] = proc.pid
-        proc.kill()
+        proc.kill()                                              # the node first: it can no longer relay a reply
+        for child in children:                                   # then its SuperExec and ClientApp, as a crash would
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         proc.wait(timeout=10)
         self.say(f"killed SuperNode {index} (pid {proc.pid}){' while it trained' if mid_round else ''}")
         return proc.pid
@@ -536,8 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[flower] error: {exc}", file=sys.stderr)
         return 1
     rows = outcome.result.get("rounds", [])
+    fed = outcome.result.get("federated_eval", {})
     for r in rows:
-        print(f"round {r['round']}: test accuracy {r['test_acc']:.4f}, uplink {r['bytes_up']:,} bytes "
+        nodes = fed.get(str(r["round"]))
+        on_nodes = f", on the nodes' own test splits {nodes['eval-acc']:.4f}" if nodes else ""
+        print(f"round {r['round']}: test accuracy {r['test_acc']:.4f}{on_nodes}, uplink {r['bytes_up']:,} bytes "
               f"({r['bytes_up'] // max(1, r['clients']):,} per client), downlink {r['bytes_down']:,} bytes")
     if rows:
         print(f"final test accuracy {rows[-1]['test_acc']:.4f} after {len(rows)} rounds on {args.nodes} SuperNodes "

@@ -27,12 +27,13 @@ from ..federated import FedConfig
 from ..models import SmallCNN
 
 __all__ = ["APP_DIR", "PAYLOAD_KEY", "AppSettings", "default_run_config", "make_run_config", "make_codec",
-           "node_partition", "write_node_data", "read_node_data", "initial_model", "test_subset", "payload_record",
-           "record_payload"]
+           "node_partition", "node_test_rows", "write_node_data", "read_node_data", "read_node_test",
+           "initial_model", "test_subset", "payload_record", "record_payload", "STRATEGIES"]
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 PAYLOAD_KEY = "payload"
 _STYPE = "flbook.payload"   # the Array's bytes are one book payload (helpers.codecs), not a NumPy array
+STRATEGIES = ("book", "flower-fedavg")
 
 
 def default_run_config() -> dict[str, object]:
@@ -81,6 +82,9 @@ class AppSettings:
     num_nodes: int            # = number of partitions; node i holds partition i
     samples_per_node: int     # pool images per node (exact for "iid", the mean otherwise); 0: the whole pool
     partition: str            # "iid", "dirichlet" or "shards" (helpers.experiment.book_partition)
+    fraction_evaluate: float  # share of the nodes that evaluate the global model on their own test split
+    evaluate_every: int       # federated evaluation after every this many rounds, and after the last
+    strategy: str             # "book" (BookFedAvg, the book's codecs) or "flower-fedavg" (Flower's FedAvg, float32)
     uplink: str               # codec names for make_codec
     downlink: str
     test_samples: int         # the server evaluates on the first test_samples test images (0: all)
@@ -100,13 +104,20 @@ class AppSettings:
                           momentum=float(config["momentum"]), seed=_positive_int(config, "seed", 0))
         settings = cls(fed=fed, num_nodes=_positive_int(config, "num-nodes"),
                        samples_per_node=_positive_int(config, "samples-per-node", 0),
-                       partition=str(config["partition"]), uplink=str(config["uplink"]),
+                       partition=str(config["partition"]),
+                       fraction_evaluate=float(config["fraction-evaluate"]),
+                       evaluate_every=_positive_int(config, "evaluate-every"), strategy=str(config["strategy"]),
+                       uplink=str(config["uplink"]),
                        downlink=str(config["downlink"]), test_samples=_positive_int(config, "test-samples", 0),
                        threads=_positive_int(config, "threads"), round_timeout=float(config["round-timeout"]),
                        node_timeout=float(config["node-timeout"]), result_dir=str(config["result-dir"]))
         make_codec(settings.uplink), make_codec(settings.downlink)   # fail early on a bad name
         if settings.partition not in ("iid", "dirichlet", "shards"):
             raise ValueError(f"run config 'partition' must be 'iid', 'dirichlet' or 'shards', got {settings.partition!r}")
+        if not 0.0 <= settings.fraction_evaluate <= 1.0:
+            raise ValueError(f"run config 'fraction-evaluate' must be in [0, 1], got {settings.fraction_evaluate!r}")
+        if settings.strategy not in STRATEGIES:
+            raise ValueError(f"run config 'strategy' must be one of {STRATEGIES}, got {settings.strategy!r}")
         if not (settings.round_timeout > 0 and settings.node_timeout > 0):
             raise ValueError("run config 'round-timeout' and 'node-timeout' must be positive")
         return settings
@@ -128,6 +139,16 @@ def node_partition(labels: torch.Tensor, settings: AppSettings) -> list[torch.Te
     return book_partition(labels, settings.partition, settings.num_nodes, settings.fed.seed, pool=pool)
 
 
+def node_test_rows(num_test: int, settings: AppSettings, pid: int) -> torch.Tensor:
+    """The rows of the test set that node ``pid`` holds as its own test split, for federated evaluation:
+    ``pid, pid + N, pid + 2N, ...`` with ``N = settings.num_nodes`` (an IID share; the nodes' splits are
+    disjoint and together cover the whole test set, so their sample-weighted mean accuracy is the central
+    accuracy on all ``num_test`` images)."""
+    if not 0 <= pid < settings.num_nodes:
+        raise ValueError(f"pid must be in [0, {settings.num_nodes}), got {pid!r}")
+    return torch.arange(pid, num_test, settings.num_nodes)
+
+
 _PARTITIONS = ("iid", "dirichlet", "shards")
 _NODE_FILE_VERSION = 1
 
@@ -138,34 +159,42 @@ def _node_meta(settings: AppSettings, pid: int) -> np.ndarray:
                      _PARTITIONS.index(settings.partition)], dtype=np.int64)
 
 
-def write_node_data(directory: str | Path, settings: AppSettings, train: TensorDataset | None = None) -> list[Path]:
-    """Give every node its own data: write node ``i``'s rows of ``train`` (:func:`node_partition`) to
-    ``directory/node-<i>.npz`` and return the paths, node ``i``'s at position ``i``.
+def write_node_data(directory: str | Path, settings: AppSettings, train: TensorDataset | None = None,
+                    test: TensorDataset | None = None) -> list[Path]:
+    """Give every node its own data: write node ``i``'s rows of ``train`` (:func:`node_partition`) and its
+    test split (rows :func:`node_test_rows` of ``test``) to ``directory/node-<i>.npz`` and return the paths,
+    node ``i``'s at position ``i``.
 
     The file holds the node's images and labels (in partition order, so the node's local SGD sees the same
     minibatches as the simulator's client) and the settings it was cut for, which :func:`read_node_data`
     checks. It is a plain ``.npz`` of numeric arrays, read with ``allow_pickle=False``: no code in a data file.
-    ``train`` defaults to the full Fashion-MNIST training set."""
+    ``train`` and ``test`` default to the full Fashion-MNIST training and test sets."""
     train = load_dataset("fashion_mnist", train=True) if train is None else train
+    test = load_dataset("fashion_mnist", train=False) if test is None else test
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for pid, idx in enumerate(node_partition(train.y, settings)):
         path = directory / f"node-{pid}.npz"
+        rows = node_test_rows(len(test), settings, pid)
         np.savez(path, x=train.x[idx].numpy(), y=train.y[idx].numpy(), meta=_node_meta(settings, pid),
-                 classes=np.array(train.classes))
+                 classes=np.array(train.classes), x_test=test.x[rows].numpy(), y_test=test.y[rows].numpy())
         paths.append(path)
     return paths
 
 
-def read_node_data(path: str | Path, pid: int, settings: AppSettings) -> TensorDataset:
-    """Node ``pid``'s own data from a file written by :func:`write_node_data`; a ``ValueError`` if the file
-    was cut for another node or another run (partition, seed, number of nodes or samples differ)."""
+def read_node_data(path: str | Path, pid: int, settings: AppSettings, split: str = "train") -> TensorDataset:
+    """Node ``pid``'s own data from a file written by :func:`write_node_data` (``split="test"``: its test
+    split); a ``ValueError`` if the file was cut for another node or another run (partition, seed, number of
+    nodes or samples differ)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    xk, yk = ("x", "y") if split == "train" else ("x_test", "y_test")
     with np.load(Path(path), allow_pickle=False) as f:
-        missing = {"x", "y", "meta", "classes"} - set(f.files)
+        missing = {xk, yk, "meta", "classes"} - set(f.files)
         if missing:
             raise ValueError(f"{path} is not a node data file (it lacks {sorted(missing)})")
-        x, y, meta, classes = f["x"], f["y"], f["meta"], f["classes"]
+        x, y, meta, classes = f[xk], f[yk], f["meta"], f["classes"]
     expected = _node_meta(settings, pid)
     if meta.shape != expected.shape or not np.array_equal(meta, expected):
         raise ValueError(f"{path} was written for (version, partition-id, num-nodes, seed, samples-per-node, partition) "
@@ -174,6 +203,11 @@ def read_node_data(path: str | Path, pid: int, settings: AppSettings) -> TensorD
         raise ValueError(f"{path}: expected float32 images (N, C, H, W) and N int64 labels, got "
                          f"{x.dtype} {x.shape} and {y.dtype} {y.shape}")
     return TensorDataset(torch.from_numpy(x), torch.from_numpy(y), tuple(str(c) for c in classes))
+
+
+def read_node_test(path: str | Path, pid: int, settings: AppSettings) -> TensorDataset:
+    """Node ``pid``'s own test split (``read_node_data(path, pid, settings, split="test")``)."""
+    return read_node_data(path, pid, settings, split="test")
 
 
 def initial_model(seed: int = BOOK_SEED) -> SmallCNN:
