@@ -293,3 +293,57 @@ def test_flower_builtin_fedavg_matches_the_book_on_float32(fmnist_train, fmnist_
     assert 0.0 <= diff < 1e-4, diff
     accs = [r["test_acc"] for r in outcome.result["rounds"]]
     assert len(accs) == 2 and abs(accs[-1] - book.history.final_accuracy) <= 0.005
+
+
+# ---- SecAgg+ (Chapter 8's section 08_privacy_secagg) -------------------------------------------------------
+from helpers.flower import secagg  # noqa: E402
+
+
+def test_the_secagg_app_declares_every_key_of_the_book_app_and_checks_its_own():
+    config = secagg.default_run_config()
+    assert set(task.default_run_config()) <= set(config) and set(secagg.SECAGG_KEYS) <= set(config)
+    task.AppSettings.from_run_config(config)
+    params = secagg.SecAggParams(config)
+    assert params.step == 2 * params.clipping_range / params.quantization_range
+    with pytest.raises(ValueError, match="secagg-threshold"):
+        secagg.SecAggParams({**config, "secagg-threshold": 4})
+    with pytest.raises(ValueError, match="lacks"):
+        secagg.SecAggParams({k: v for k, v in config.items() if k != "secagg-max-weight"})
+    # three clients of weight 1: the mean may be off by at most 3 steps / 3
+    assert secagg.aggregation_bound(params, [2000] * 3) == pytest.approx(params.step)
+
+
+def test_secagg_server_learns_only_the_sum_and_the_sum_is_fedavg(fmnist_train, fmnist_test, tmp_path):
+    """SecAgg+ on three loopback SuperNodes with 8-bit updates: the secure global model is plain FedAvg of the
+    same quantized updates within the protocol's bound, no masked vector the server received correlates with its
+    client's update (each is spread evenly over [0, 2^32)), and no process is left behind."""
+    config = {"num-server-rounds": 1, "num-nodes": 3, "samples-per-node": 300, "uplink": "q8",
+              "fraction-evaluate": 0.0, "test-samples": 500, "round-timeout": 300.0, "secagg-max-weight": 300.0}
+    full = {**secagg.default_run_config(), **config}
+    settings, params = task.AppSettings.from_run_config(full), secagg.SecAggParams(full)
+    dep = LoopbackDeployment(3, log=None, node_data=node_data_for(config, tmp_path))
+    with dep:
+        outcome = dep.run(secagg.SECAGG_APP_DIR, config, timeout=600)
+        recorded = dict(dep.seen)
+    assert outcome.status == "finished:completed"
+    assert [s["stage"] for s in outcome.result["stages"]] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    # the plain FedAvg of the same decoded 8-bit updates, computed here
+    w0 = float_state(task.initial_model(settings.fed.seed))
+    updates = [secagg.quantized_update(settings, pid, [v.numpy() for v in w0.values()], 1) for pid in range(3)]
+    total = sum(n for _, n, _, _ in updates)
+    plain = {k: w0[k] + sum(n * u[k] for u, n, _, _ in updates) / total for k in w0}
+    secure = Float32Codec().decode(outcome.files["global.bin"])
+    bound = secagg.aggregation_bound(params, [n for _, n, _, _ in updates])
+    assert max(float((secure[k] - plain[k]).abs().max()) for k in plain) <= bound + 1e-6
+    # what the server received: one masked vector per client, none of which is its update
+    import io
+    with np.load(io.BytesIO(outcome.files["masked.npz"]), allow_pickle=False) as f:
+        for pid, (update, n, _, _) in enumerate(updates):
+            y = np.concatenate([f[f"partition-{pid}-{i}"].ravel() for i in range(1, 1 + len(w0))]).astype(np.float64)
+            truth = torch.cat([v.ravel() for v in update.values()]).double().numpy()
+            read = y * params.step - params.clipping_range
+            assert abs(np.corrcoef(read, truth)[0, 1]) < 0.05
+            assert np.all(np.abs(np.histogram(y / 2**32, bins=4, range=(0, 1))[0] / len(y) - 0.25) < 0.01)
+            # and the weighted update fits SecAgg+'s clipping range: nothing was clipped
+            assert np.abs(n / params.max_weight * truth).max() < params.clipping_range
+    assert_nothing_left(recorded, dep)

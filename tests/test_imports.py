@@ -27,7 +27,7 @@ FLOORS = [
     ["experiment"],                                          # the lab starts here
     ["chapters.ch2", "chapters.ch3", "chapters.ch4", "chapters.ch5", "chapters.ch6", "chapters.ch8", "flower.task"],
     ["chapters", "flower.client_app", "flower.server_app", "flower.launch"],
-    ["flower.simulation"],
+    ["flower.simulation", "flower.secagg"],
     ["flower"],
 ]
 LAB = {"experiment", "chapters", "flower"}
