@@ -42,6 +42,7 @@ __all__ = [
     "FederatedRun",
     "RoundTally",
     "samples_seen",
+    "make_clients",
     "run_federated",
 ]
 
@@ -242,6 +243,18 @@ class RoundTally:
             bounded=server.strategy.last_bounded if self.updates else 0)
 
 
+def make_clients(partition: Sequence, num_train: int) -> list[Client]:
+    """One :class:`Client` per index set of ``partition`` (client id = position), each checked: a non-empty 1-D
+    index set inside ``[0, num_train)`` of the training set, else a ``ValueError`` naming the client."""
+    clients = [Client(cid, torch.as_tensor(idx, dtype=torch.long)) for cid, idx in enumerate(partition)]
+    for c in clients:
+        if c.indices.dim() != 1 or c.num_samples == 0:
+            raise ValueError(f"partition[{c.cid}] must be a non-empty 1-D index set")
+        if int(c.indices.min()) < 0 or int(c.indices.max()) >= num_train:
+            raise ValueError(f"partition[{c.cid}] has indices outside [0, {num_train}) of the training set")
+    return clients
+
+
 def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[torch.Tensor], test: TensorDataset,
                   config: FedConfig, *, uplink: Codec | None = None, downlink: Codec | None = None,
                   error_feedback: bool = False, loss_fn: LossFn | None = None, strategy: FedAvg | None = None,
@@ -260,12 +273,7 @@ def run_federated(model: nn.Module, train: TensorDataset, partition: Sequence[to
         raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
     if len(partition) == 0:
         raise ValueError("partition has no clients")
-    clients = [Client(cid, torch.as_tensor(idx, dtype=torch.long)) for cid, idx in enumerate(partition)]
-    for c in clients:
-        if c.indices.dim() != 1 or c.num_samples == 0:
-            raise ValueError(f"partition[{c.cid}] must be a non-empty 1-D index set")
-        if int(c.indices.min()) < 0 or int(c.indices.max()) >= len(train):
-            raise ValueError(f"partition[{c.cid}] has indices outside [0, {len(train)}) of the training set")
+    clients = make_clients(partition, len(train))
     if len(test) == 0:
         raise ValueError("test set is empty")
     strategy = strategy or FedAvg()

@@ -48,7 +48,7 @@ from torch import nn
 from .aggregation import DEFAULT_NORM_BOUND, Aggregator, FedAvg
 from .codecs import Codec, Float32Codec, PayloadError
 from .data import TensorDataset
-from .federated import Client, FedConfig, RoundTally, Server
+from .federated import FedConfig, RoundTally, Server, make_clients
 from .history import History, print_progress
 from .training import evaluate, minibatches
 
@@ -188,12 +188,7 @@ def run_scaffold(model: nn.Module, train: TensorDataset, partition: Sequence[tor
     for name, codec in (("uplink", uplink), ("variate_codec", variate_codec), ("downlink", downlink)):
         if codec is not None and not isinstance(codec, Codec):
             raise TypeError(f"{name} must be a Codec, got {type(codec).__name__}")
-    clients = [Client(cid, torch.as_tensor(idx, dtype=torch.long)) for cid, idx in enumerate(partition)]
-    for cl in clients:
-        if cl.indices.dim() != 1 or cl.num_samples == 0:
-            raise ValueError(f"partition[{cl.cid}] must be a non-empty 1-D index set")
-        if int(cl.indices.min()) < 0 or int(cl.indices.max()) >= len(train):
-            raise ValueError(f"partition[{cl.cid}] has indices outside [0, {len(train)}) of the training set")
+    clients = make_clients(partition, len(train))
     if len(test) == 0:
         raise ValueError("test set is empty")
     strategy = strategy or FedAvg()
